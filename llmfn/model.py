@@ -80,7 +80,8 @@ def attend(q, k, v, mask, with_weights: bool):
     Returns (B, T, H, K) and, if with_weights, the attention weights (B, H, T, S).
     """
     if not with_weights:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
+        with jax.numpy_dtype_promotion("standard"):  # jax's own bf16 path promotes implicitly
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
         return out, None
     B, T, H, K = q.shape
     S, G = k.shape[1], k.shape[2]

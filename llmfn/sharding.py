@@ -1,0 +1,133 @@
+"""Scale-out: a (data, fsdp) device mesh, NamedSharding rules, and multi-host setup.
+
+One device needs none of this: `make_mesh("")` is None and the training loop skips every
+call here. With a mesh, each batch is split over both axes (data parallelism) and θ plus
+the optimizer state are split over "fsdp" (fully sharded data parallelism); jit inserts
+the all-gathers and reduce-scatters. Several hosts run the same program through JAX's
+own runtime (`jax.distributed`); each process feeds the rows of the global batch that
+live on its own devices.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp")  # mesh axis names, in mesh order
+BATCH = P(AXES)  # the batch axis is split over every device
+MIN_SHARDED_SIZE = 1024  # smaller arrays stay replicated: a collective would cost more than it saves
+
+
+def _launched_by_cluster() -> bool:
+    """True when a multi-process launcher (or the user) set JAX's distributed environment."""
+    env = os.environ
+    return (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or int(env.get("SLURM_NTASKS", "1")) > 1  # srun / sbatch with several tasks
+        or "OMPI_MCA_orte_hnp_uri" in env  # mpirun (Open MPI)
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")  # multi-host TPU slice on GKE
+    )
+
+
+def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Join a multi-process run through `jax.distributed.initialize`, or do nothing.
+
+    Calls it when any argument is given or a cluster launcher's environment is detected
+    (Slurm, Open MPI, JAX_COORDINATOR_ADDRESS, multi-host TPU); JAX fills in what is
+    missing from that environment. Must run before any other JAX call in the process.
+    """
+    given = (coordinator, num_processes, process_id)
+    if jax.distributed.is_initialized() or (given == (None, None, None) and not _launched_by_cluster()):
+        return
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def make_mesh(spec: str) -> Mesh | None:
+    """Parse "data=4,fsdp=2" into a Mesh over all `jax.devices()`; "" gives None (one device).
+
+    Axes left out of the spec have size 1; the mesh always has both axes ("data", "fsdp").
+    Raises ValueError for bad syntax, unknown axes, or a product ≠ jax.device_count().
+    """
+    if not spec.strip():
+        return None
+    sizes = dict.fromkeys(AXES, 1)
+    seen = set()
+    for part in spec.split(","):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"bad mesh spec {spec!r}: write axis=size pairs such as 'data=4,fsdp=2'")
+        if name not in sizes:
+            raise ValueError(f"unknown mesh axis {name!r} in {spec!r}: the axes are {', '.join(AXES)}")
+        if name in seen:
+            raise ValueError(f"mesh axis {name!r} given twice in {spec!r}")
+        seen.add(name)
+        sizes[name] = int(value)
+    shape = tuple(sizes[a] for a in AXES)
+    if int(np.prod(shape)) != jax.device_count():
+        raise ValueError(
+            f"mesh {spec!r} has {int(np.prod(shape))} devices but there are {jax.device_count()}: "
+            "make the axis sizes multiply to the device count"
+        )
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """FSDP rule for one array: split its largest axis divisible by the fsdp size."""
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_SHARDED_SIZE:
+        return P()
+    candidates = [i for i, n in enumerate(shape) if n % fsdp == 0]
+    if not candidates:
+        return P()
+    axis = max(candidates, key=lambda i: shape[i])  # first of the largest on a tie
+    return P(*(["fsdp" if i == axis else None for i in range(len(shape))]))
+
+
+def state_shardings(state, mesh: Mesh):
+    """A NamedSharding for every leaf of `state` (θ, optimizer state, anything array-like).
+
+    Each array is split over "fsdp" along its largest axis divisible by the fsdp size and
+    replicated over "data"; scalars, arrays under MIN_SHARDED_SIZE elements and arrays
+    with no divisible axis are replicated. Leaves may be arrays or jax.ShapeDtypeStruct.
+    """
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, _spec(np.shape(x), fsdp)), state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Split the leading (batch) axis over every device, ("data", "fsdp") in mesh order."""
+    return NamedSharding(mesh, BATCH)
+
+
+def local_rows(batch: np.ndarray, mesh: Mesh | None) -> np.ndarray:
+    """The rows of a global (B, ...) batch that this process feeds to its own devices.
+
+    Every process computes the same global batch; each keeps the rows that
+    `batch_sharding(mesh)` places on its addressable devices, in order. Without a mesh,
+    or with a single process, that is the whole batch.
+    """
+    if mesh is None or jax.process_count() == 1:
+        return batch
+    index = batch_sharding(mesh).addressable_devices_indices_map(batch.shape)
+    starts = sorted({rows.start or 0 for rows, *_ in index.values()})
+    per_device = batch.shape[0] // mesh.size
+    return np.concatenate([batch[s : s + per_device] for s in starts])
+
+
+def make_global_batch(rows: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """One global (B, ...) array from each process's (B / processes, ...) rows.
+
+    `jax.make_array_from_process_local_data` over `batch_sharding(mesh)`; B must be a
+    multiple of the device count. Without a mesh, the rows go to the default device.
+    """
+    if mesh is None:
+        return jnp.asarray(rows)
+    if (rows.shape[0] * jax.process_count()) % mesh.size:
+        raise ValueError(
+            f"a batch of {rows.shape[0] * jax.process_count()} rows does not split over "
+            f"{mesh.size} devices: choose a batch size that is a multiple of the device count"
+        )
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), rows)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from .config import Config
@@ -82,7 +83,8 @@ def restore(mngr: ocp.CheckpointManager, like: dict) -> dict | None:
         opt_state=ocp.args.StandardRestore(target["opt_state"]),
         extra=ocp.args.StandardRestore(extra_like),
     ))
-    rng = jax.random.wrap_key_data(got["extra"]["rng"], impl=jax.random.key_impl(like["rng"]))
+    impl = jax.random.key_impl(jnp.zeros((), like["rng"].dtype))  # works for a ShapeDtypeStruct too
+    rng = jax.random.wrap_key_data(got["extra"]["rng"], impl=impl)
     return {"params": got["params"], "opt_state": got["opt_state"], "step": got["extra"]["step"], "rng": rng}
 
 

@@ -14,6 +14,7 @@ nats per token become bits per byte. A tokenizer is saved as one plain JSON file
 `<directory>/tokenizer.json`, and `load_tokenizer(directory)` reads it back.
 """
 
+import functools
 import json
 import os
 import re
@@ -78,9 +79,17 @@ class Tokenizer:
         """
         return self.to_bytes(ids).decode("utf-8", errors="replace")
 
+    @functools.cached_property
+    def _byte_lengths(self) -> np.ndarray:
+        return np.array([len(self._bytes(np.array([i]))) for i in range(self.vocab_size)], np.int64)
+
     def byte_lengths(self) -> np.ndarray:
         """(V,) int64: the number of UTF-8 bytes each token id stands for."""
-        return np.array([len(self._bytes(np.array([i]))) for i in range(self.vocab_size)], np.int64)
+        return self._byte_lengths
+
+    def to_json(self) -> str:
+        """The saved form: plain JSON with a "kind" field (deterministic, so it can key a cache)."""
+        return json.dumps({"kind": self.kind, **self._state()}, ensure_ascii=False, sort_keys=True)
 
     def save(self, directory) -> None:
         """Write `<directory>/tokenizer.json` (plain JSON) atomically, creating the directory."""
@@ -88,7 +97,7 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{FILENAME}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"kind": self.kind, **self._state()}, f, ensure_ascii=False)
+            f.write(self.to_json())
         os.replace(tmp, directory / FILENAME)
 
     def __repr__(self) -> str:
@@ -200,10 +209,6 @@ class BPETokenizer(Tokenizer):
 
     def _bytes(self, ids: np.ndarray) -> bytes:
         return b"".join(self._token_bytes[i] for i in ids)
-
-    def byte_lengths(self) -> np.ndarray:
-        """(V,) int64: the number of UTF-8 bytes each token id stands for."""
-        return np.array([len(b) for b in self._token_bytes], np.int64)
 
     def _state(self) -> dict:
         return {"hf": json.loads(self.hf.to_str())}

@@ -77,7 +77,8 @@ def restore(mngr: ocp.CheckpointManager, like: dict) -> dict | None:
         return None
     target = jax.tree.map(_abstract, {k: like[k] for k in ("params", "opt_state", "step")})
     rng_data = jax.eval_shape(jax.random.key_data, like["rng"])  # (2,) uint32 for the default key
-    extra_like = {"step": target["step"], "rng": _abstract(rng_data)}
+    rng_like = jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=_abstract(like["rng"]).sharding)
+    extra_like = {"step": target["step"], "rng": rng_like}  # the key data goes where the key goes
     got = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(target["params"]),
         opt_state=ocp.args.StandardRestore(target["opt_state"]),

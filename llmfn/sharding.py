@@ -45,14 +45,16 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
-def make_mesh(spec: str) -> Mesh | None:
-    """Parse "data=4,fsdp=2" into a Mesh over all `jax.devices()`; "" gives None (one device).
+def make_mesh(spec: str, devices=None) -> Mesh | None:
+    """Parse "data=4,fsdp=2" into a Mesh over `devices` (default all `jax.devices()`).
 
-    Axes left out of the spec have size 1; the mesh always has both axes ("data", "fsdp").
-    Raises ValueError for bad syntax, unknown axes, or a product ≠ jax.device_count().
+    "" gives None: one device, no sharding at all. Axes left out of the spec have size 1;
+    the mesh always has both axes ("data", "fsdp"). Raises ValueError for bad syntax,
+    unknown axes, or sizes whose product is not the number of devices.
     """
     if not spec.strip():
         return None
+    devices = jax.devices() if devices is None else list(devices)
     sizes = dict.fromkeys(AXES, 1)
     seen = set()
     for part in spec.split(","):
@@ -67,12 +69,12 @@ def make_mesh(spec: str) -> Mesh | None:
         seen.add(name)
         sizes[name] = int(value)
     shape = tuple(sizes[a] for a in AXES)
-    if int(np.prod(shape)) != jax.device_count():
+    if int(np.prod(shape)) != len(devices):
         raise ValueError(
-            f"mesh {spec!r} has {int(np.prod(shape))} devices but there are {jax.device_count()}: "
+            f"mesh {spec!r} has {int(np.prod(shape))} devices but there are {len(devices)}: "
             "make the axis sizes multiply to the device count"
         )
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def _spec(shape: tuple[int, ...], fsdp: int) -> P:
@@ -95,6 +97,17 @@ def state_shardings(state, mesh: Mesh):
     """
     fsdp = mesh.shape["fsdp"]
     return jax.tree.map(lambda x: NamedSharding(mesh, _spec(np.shape(x), fsdp)), state)
+
+
+def sharded_init(fn, mesh: Mesh, *args):
+    """(fn(*args), its shardings): a state built already split by `state_shardings`.
+
+    fn runs under jit with those output shardings, so each device computes only its own
+    shards and θ is never whole on one device. Pass plain numbers or NumPy arrays in
+    `args` (a seed, not a key array): every process then feeds the same replicated input.
+    """
+    shardings = state_shardings(jax.eval_shape(fn, *args), mesh)
+    return jax.jit(fn, out_shardings=shardings)(*args), shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

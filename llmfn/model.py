@@ -156,8 +156,8 @@ class Block(nn.Module):
     def __call__(self, x, positions, mask, start, cache_kv):
         attn = Attention(self.cfg, self.with_intermediates, name="attn")
         a, new_kv, weights = attn(Norm(self.cfg, name="attn_norm")(x), positions, mask, start, cache_kv)
-        x = x + a
-        x = x + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x))
+        x = x + a.astype(x.dtype)  # the residual stream stays float32 when compute is bfloat16
+        x = x + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x)).astype(x.dtype)
         residual = x if self.with_intermediates else None
         return x, (new_kv, residual, weights)
 

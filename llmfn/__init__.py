@@ -1,6 +1,15 @@
-"""llmfn: a large language model is a function, f_θ(tokens) → logits."""
+"""llmfn: a large language model is a function, f_θ(tokens) → logits.
 
+The function and its parameters: `init`, `forward`, `forward_cached`,
+`forward_with_intermediates`. Calling it again and again: `generate`. Weights in and
+out: `from_hf`, `to_hf`, `load`. Submodules for the rest: `llmfn.train`, `llmfn.data`,
+`llmfn.tokenizer`, `llmfn.corpus`, `llmfn.sharding`, `llmfn.inspect`.
+"""
+
+from .checkpoint import load
 from .config import Config, presets
+from .generate import generate, generate_chunks
+from .hf import from_hf, to_hf
 from .model import (
     check_params,
     check_tokens,
@@ -25,4 +34,9 @@ __all__ = [
     "check_params",
     "param_count",
     "param_shapes",
+    "generate",
+    "generate_chunks",
+    "from_hf",
+    "to_hf",
+    "load",
 ]

@@ -1,0 +1,231 @@
+"""Looking inside f_θ: the pieces the notebooks call, each a small pure function.
+
+Axis letters as in model.py, plus E for a stack of parameter sets (an ensemble, or several
+checkpoints of one run) and N for a list of token ids.
+"""
+
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from .config import Config
+from .model import (
+    Block, Norm, Params, _arange_positions, _check_call, check_params, compute_dtype, forward, forward_with_intermediates,
+)
+
+
+def embed(params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Float[Array, "B T D"]:
+    """The input embeddings x (B, T, D): token rows of θ["embed"], plus learned positions if any.
+
+    `forward_from_embeddings(params, embed(params, tokens, cfg), cfg)` is `forward(params, tokens, cfg)`.
+    """
+    _check_call(params, tokens, cfg, cfg.context)
+    x = jnp.take(params["embed"], tokens, axis=0)  # (B, T, D)
+    if cfg.positions == "learned":
+        x = x + params["pos_embed"][: tokens.shape[1]][None]  # (1, T, D)
+    return x
+
+
+class _FromEmbeddings(nn.Module):
+    """The transformer after its embedding lookup: x (B, T, D) → logits (B, T, V), same θ layout."""
+
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, x, positions):
+        cfg, dt = self.cfg, compute_dtype(self.cfg)
+        init = nn.initializers.normal(cfg.init_std)
+        layers = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=cfg.n_layers,
+        )(cfg, False, name="layers")
+        h, _ = layers(x, positions, None, None, None)  # causal mask, no cache
+        h = Norm(cfg, name="final_norm")(h)
+        if cfg.tie_embeddings:
+            head = self.param("embed", init, (cfg.vocab_size, cfg.d_model)).T
+        else:
+            head = self.param("head", init, (cfg.d_model, cfg.vocab_size))
+        return jnp.einsum("BTD,DV->BTV", h.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def forward_from_embeddings(params: Params, x: Float[Array, "B T D"], cfg: Config) -> Float[Array, "B T V"]:
+    """f_θ from its input embeddings: logits (B, T, V) for x (B, T, D) as `embed` makes them.
+
+    Differentiable in x, so `jax.grad` and `jax.jvp` reach each input position.
+    """
+    if x.ndim != 3 or x.shape[2] != cfg.d_model:
+        raise ValueError(f"embeddings must have shape (B, T, {cfg.d_model}), got {x.shape}")
+    if x.shape[1] > cfg.context:
+        raise ValueError(f"sequence of {x.shape[1]} positions is longer than the context ({cfg.context}): truncate it")
+    check_params(params, cfg)
+    positions = _arange_positions(x[..., 0])  # (B, T)
+    return _FromEmbeddings(cfg).apply({"params": params}, x, positions)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def next_token_distribution(params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Float[Array, "B V"]:
+    """p(next token | tokens): the softmax of the last position's logits, (B, V), rows sum to 1."""
+    return jax.nn.softmax(forward(params, tokens, cfg)[:, -1], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def attention_maps(params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Float[Array, "L B H T T"]:
+    """Every head's attention weights (L, B, H, T, S=T): row t is how query t spreads over keys 0..t."""
+    _, intermediates = forward_with_intermediates(params, tokens, cfg)
+    return intermediates["attention"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "position"))
+def saliency(params: Params, tokens: Int[Array, "B T"], target, cfg: Config, position: int = -1) -> Float[Array, "B T"]:
+    """How much each input token matters to one prediction: (B, T), zero after `position`.
+
+    The L2 norm over D of ∂ log p(target | tokens[:, :position + 1]) / ∂ x, where x = `embed`
+    of the tokens; `target` is one token id or one per row (B,). Position -1 is the next
+    token after the whole sequence.
+    """
+    T = tokens.shape[1]
+    if not -T <= position < T:
+        raise ValueError(f"position {position} is outside a sequence of {T} tokens")
+    target = jnp.broadcast_to(jnp.asarray(target, jnp.int32), tokens.shape[:1])  # (B,)
+
+    def logprob(x):  # summed over rows, which are independent: its gradient is per row
+        logp = jax.nn.log_softmax(forward_from_embeddings(params, x, cfg)[:, position], axis=-1)  # (B, V)
+        return jnp.take_along_axis(logp, target[:, None], axis=1).sum()
+
+    grads = jax.grad(logprob)(embed(params, tokens, cfg))  # (B, T, D)
+    return jnp.linalg.norm(grads, axis=-1)
+
+
+def stack_params(params_list: list[Params]) -> Params:
+    """E parameter sets of one config → one θ whose every leaf has a leading E axis."""
+    if not params_list:
+        raise ValueError("stack_params needs at least one parameter set")
+    structure = jax.tree.structure(params_list[0])
+    for i, params in enumerate(params_list[1:], 1):
+        if jax.tree.structure(params) != structure:
+            raise ValueError(f"parameter set {i} has a different structure from set 0: stack sets of one config only")
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *params_list)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def ensemble_forward(stacked_params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Float[Array, "E B T V"]:
+    """f_θ for E parameter sets in one call: logits (E, B, T, V), `jax.vmap` over θ's leading axis."""
+    sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(stacked_params)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"stacked params need one leading axis shared by every leaf, got sizes {sizes}: use stack_params")
+    return jax.vmap(forward, in_axes=(0, None, None))(stacked_params, tokens, cfg)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def sequence_loss(params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Float[Array, ""]:
+    """Mean next-token cross-entropy (nats) of tokens[:, 1:] given the tokens before them."""
+    logits = forward(params, tokens[:, :-1], cfg)  # (B, T-1, V)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def per_example_grads(params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Params:
+    """∇θ of each row's own `sequence_loss`: θ-shaped, every leaf with a leading B axis.
+
+    Their mean over B is the gradient of the batch loss; `jax.vmap(jax.grad(...))` in one call.
+    """
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must have shape (B, T) with T >= 2 to have a next token, got {tokens.shape}")
+    row_grad = jax.grad(lambda p, row: sequence_loss(p, row[None], cfg))
+    return jax.vmap(row_grad, in_axes=(None, 0))(params, tokens)
+
+
+def embedding_projection(params: Params, token_ids: Int[Array, "N"], cfg: Config) -> Float[Array, "N 2"]:
+    """The rows embed[token_ids] projected on their first two principal components: (N, 2).
+
+    Rows are centred on their own mean; each axis is signed so its largest coordinate is
+    positive, which makes the picture deterministic.
+    """
+    token_ids = np.asarray(token_ids)
+    if token_ids.ndim != 1 or token_ids.size < 2:
+        raise ValueError(f"token_ids must be a list of at least 2 ids, got shape {token_ids.shape}")
+    if token_ids.min() < 0 or token_ids.max() >= cfg.vocab_size:
+        raise ValueError(f"token ids must be in 0..{cfg.vocab_size - 1}, got {token_ids.min()}..{token_ids.max()}")
+    rows = jnp.asarray(params["embed"])[token_ids]  # (N, D)
+    centred = rows - rows.mean(0)
+    _, _, vt = jnp.linalg.svd(centred, full_matrices=False)  # vt (min(N, D), D)
+    projected = centred @ vt[:2].T  # (N, 2)
+    biggest = jnp.take_along_axis(projected, jnp.abs(projected).argmax(0)[None], axis=0)  # (1, 2)
+    return projected * jnp.where(biggest < 0, -1.0, 1.0).astype(projected.dtype)
+
+
+def sampling_distribution(
+    logits: Float[Array, "... V"], temperature: float = 1.0, top_k: int | None = None,
+    top_p: float | None = None, min_p: float | None = None,
+) -> Float[Array, "... V"]:
+    """The distribution a sampler with these settings draws from, (..., V), rows sum to 1.
+
+    Applied in order: divide logits by temperature; keep the top_k most likely tokens; keep
+    the smallest set of most likely tokens whose probability reaches top_p; drop tokens
+    less likely than min_p times the most likely one. Temperature 0 is greedy (one-hot).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    for name, value in (("top_p", top_p), ("min_p", min_p)):
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
+    logits = jnp.asarray(logits, jnp.float32)
+    if temperature == 0:
+        return jax.nn.one_hot(logits.argmax(-1), logits.shape[-1], dtype=jnp.float32)
+    logits = logits / jnp.float32(temperature)
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]  # (..., 1)
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        sorted_probs = jnp.sort(jax.nn.softmax(logits, axis=-1), axis=-1)[..., ::-1]  # (..., V) descending
+        before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the more likely tokens
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_probs, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(jax.nn.softmax(logits, axis=-1) < cutoff, -jnp.inf, logits)
+    if min_p is not None:
+        probs = jax.nn.softmax(logits, axis=-1)
+        logits = jnp.where(probs < jnp.float32(min_p) * probs.max(-1, keepdims=True), -jnp.inf, logits)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def forward_flops(cfg: Config, length: int) -> dict[str, int]:
+    """Matmul FLOPs of one forward pass over one sequence of `length` tokens.
+
+    {"dense": projections, MLP and head, linear in length; "attention": scores and
+    weighted values, 4 T² D per layer (the full T×T square, as computed), quadratic}.
+    """
+    T, D, F, V, K = length, cfg.d_model, cfg.ff_dim, cfg.vocab_size, cfg.head_dim
+    projections = D * K * (2 * cfg.n_heads + 2 * cfg.kv_heads)  # q, o, k, v
+    mlp = D * F * (3 if cfg.mlp == "swiglu" else 2)
+    dense = 2 * T * (cfg.n_layers * (projections + mlp) + D * V)
+    return {"dense": dense, "attention": cfg.n_layers * 4 * T * T * D}
+
+
+def time_forward(params: Params, cfg: Config, lengths, batch: int = 1, repeats: int = 3) -> np.ndarray:
+    """Best-of-`repeats` wall seconds of a jitted forward over (batch, length) tokens, per length.
+
+    Compilation is excluded (one warm-up call per length). Returns float64 (len(lengths),).
+    """
+    fwd = jax.jit(forward, static_argnames="cfg")
+    seconds = []
+    for length in lengths:
+        tokens = jnp.zeros((batch, length), jnp.int32)
+        fwd(params, tokens, cfg).block_until_ready()
+        best = np.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fwd(params, tokens, cfg).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        seconds.append(best)
+    return np.array(seconds)

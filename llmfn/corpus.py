@@ -1,12 +1,12 @@
 """The built-in corpus: sentences from a seeded probabilistic grammar whose entropy rate is known exactly.
 
 A sentence is a template ("the {animal} {posture} {prep} the {place}.") with each slot
-filled independently from a small weighted word list, followed by "\n". Templates cover
+filled independently from a small weighted word list, followed by "\\n". Templates cover
 simple English scenes, simple Chinese scenes ("小猫坐在垫子上。") and a table of world
 facts ("the capital of france is paris."). Sentences are i.i.d.
 
 Why the entropy rate of the byte stream is exactly H(S) / E[bytes per sentence]:
-  1. "\n" ends every sentence and occurs nowhere inside one, so the byte stream splits
+  1. "\\n" ends every sentence and occurs nowhere inside one, so the byte stream splits
      into sentences in exactly one way: n sentences ⇄ their concatenation is a bijection.
   2. Every sentence string has exactly one derivation (template + fillers): templates
      differ in their literal text or in slot word lists that share no word at the point
@@ -100,7 +100,8 @@ def slots_of(template: str) -> list[str]:
 
 def _positional(template: str) -> str:
     """The template with every "{slot}" replaced by "{}", for str.format(*fillers)."""
-    return "".join(literal + ("{}" if field is not None else "") for literal, field, _, _ in string.Formatter().parse(template))
+    parts = string.Formatter().parse(template)
+    return "".join(literal + ("{}" if field is not None else "") for literal, field, _, _ in parts)
 
 
 def _entropy_bits(dist: dict[str, float]) -> float:
@@ -218,11 +219,11 @@ def _sample(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def generate(n_bytes: int, seed: int = 0) -> str:
-    """Whole sentences, each ending in "\n", at least n_bytes bytes of UTF-8 in all.
+    """Whole sentences, each ending in "\\n", at least n_bytes bytes of UTF-8 in all.
 
     Deterministic in seed, and generate(m, seed) is a prefix of generate(n, seed) for m <= n.
     """
-    if not isinstance(n_bytes, int) or n_bytes < 0:
+    if not isinstance(n_bytes, (int, np.integer)) or n_bytes < 0:
         raise ValueError(f"n_bytes must be a non-negative int, got {n_bytes!r}")
     rng = np.random.default_rng(seed)
     sentences, total = [], 0
@@ -238,9 +239,9 @@ def generate(n_bytes: int, seed: int = 0) -> str:
 def fact_prompt(country: str) -> str:
     """The text before the capital, e.g. "the capital of france is" (no trailing space).
 
-    In the corpus the prompt is followed by " paris.\n": the space belongs to the answer,
-    as byte-level BPE puts it at the start of the word token. Sentences start after "\n",
-    so "\n" + prompt also matches the text exactly.
+    In the corpus the prompt is followed by " paris.\\n": the space belongs to the answer,
+    as byte-level BPE puts it at the start of the word token. Sentences start after "\\n",
+    so "\\n" + prompt also matches the text exactly.
     """
     if country not in FACTS:
         raise ValueError(f"unknown country {country!r}: FACTS has {len(FACTS)} countries, e.g. {next(iter(FACTS))!r}")

@@ -66,6 +66,10 @@ def test_bpe_vocab_size_is_honoured(vocab_size):
     assert tok.vocab_size == vocab_size
 
 
+def test_bpe_training_is_deterministic():
+    assert make_tokenizer("bpe", FIT_TEXT, 320).to_json() == make_tokenizer("bpe", FIT_TEXT, 320).to_json()
+
+
 def test_bpe_vocab_size_below_bytes_is_an_error():
     with pytest.raises(ValueError, match="at least 256"):
         make_tokenizer("bpe", FIT_TEXT, vocab_size=100)

@@ -51,12 +51,13 @@ def interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matmul_flops_per_s(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
-    """FLOP/s of a jitted (n, n) @ (n, n) matmul on JAX's default device (2 n³ FLOPs).
+def matmul_chain(n: int = 1024, dtype=jnp.float32):
+    """A blocking callable doing ten chained jitted (n, n) @ (n, n) matmuls, and its FLOP count.
 
-    Ten chained products per call keep the dispatch overhead out of the figure.
+    Ten products per call keep the dispatch overhead out of the figure; time it next to
+    the thing being measured (see `interleaved`) to get the matmul rate under the same load.
     """
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype) / np.sqrt(n).astype(np.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype) / np.sqrt(n).astype(dtype)
 
     @jax.jit
     def chain(x):
@@ -64,8 +65,13 @@ def matmul_flops_per_s(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> fl
             x = x @ a
         return x
 
-    t = seconds(lambda: chain(a).block_until_ready(), repeats)
-    return 10 * 2 * n**3 / t
+    return (lambda: chain(a).block_until_ready()), 10 * 2 * n**3
+
+
+def matmul_flops_per_s(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+    """FLOP/s of jitted (n, n) @ (n, n) matmuls on JAX's default device."""
+    run, flops = matmul_chain(n, dtype)
+    return flops / seconds(run, repeats)
 
 
 def copy_bytes_per_s(megabytes: int = 256, repeats: int = 5) -> float:

@@ -15,6 +15,7 @@ nats per token become bits per byte. A tokenizer is saved as one plain JSON file
 """
 
 import functools
+import itertools
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -167,8 +169,11 @@ def _byte_to_unicode() -> dict[int, str]:
     return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
 
 
-# A boundary after a newline and before a non-space is a boundary of the GPT-2
-# pre-tokenizer, so cutting long text there encodes it exactly as one piece would.
+# GPT-2's pre-tokenizer, the pattern HF's ByteLevel splits on. Splitting here and encoding
+# each distinct piece once is several times faster than HF's encode on long text, and equal.
+_PRE_TOKENS = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+# A boundary after a newline and before a non-space is a pre-token boundary, so the
+# trainer can read long text in pieces cut there.
 _SAFE_CUT = re.compile(r"\n(?=\S)")
 _CHUNK_CHARS = 1 << 16
 
@@ -204,8 +209,10 @@ class BPETokenizer(Tokenizer):
     def encode(self, text: str) -> np.ndarray:
         """text → BPE ids, shape (N,), int32."""
         _utf8(text)
-        pieces = [e.ids for e in self.hf.encode_batch(_chunks(text), add_special_tokens=False)]
-        return np.fromiter((i for ids in pieces for i in ids), np.int32)
+        pieces = _PRE_TOKENS.findall(text)
+        distinct = list(set(pieces))
+        ids = dict(zip(distinct, (e.ids for e in self.hf.encode_batch(distinct, add_special_tokens=False))))
+        return np.fromiter(itertools.chain.from_iterable(map(ids.__getitem__, pieces)), np.int32)
 
     def _bytes(self, ids: np.ndarray) -> bytes:
         return b"".join(self._token_bytes[i] for i in ids)

@@ -53,10 +53,16 @@ def test_bpe_matches_hf_and_compresses():
     assert len(ids) < len(text.encode("utf-8"))
 
 
-def test_bpe_long_text_is_chunked_like_one_piece(monkeypatch):
+def test_bpe_training_reads_long_text_in_pieces_like_one_piece(monkeypatch):
+    text = FIT_TEXT + "\n\n  x\n\ty\n \n z" + "it's 12,345 don't\r\n\t  ok  " * 20
+    whole = make_tokenizer("bpe", text, vocab_size=320)
     monkeypatch.setattr("llmfn.tokenizer._CHUNK_CHARS", 50)
+    assert make_tokenizer("bpe", text, vocab_size=320).to_json() == whole.to_json()
+
+
+def test_bpe_encode_equals_hf_encode_on_awkward_text():
     tok = make_tokenizer("bpe", FIT_TEXT, vocab_size=300)
-    text = corpus.generate(2_000, seed=3) + "\n\n  x\n\ty\n" + corpus.generate(500, seed=4)
+    text = "".join(TEXTS.values()) + "it's 12,345 don't I'LL\r\n\t  ok  \n\n  x\u00a0y\u3000z 123abc ..."
     assert tok.encode(text).tolist() == tok.hf.encode(text).ids
 
 

@@ -58,9 +58,10 @@ def test_entropy_rate_matches_monte_carlo(grammar):
 
 def test_template_frequencies_match(grammar):
     sentences = corpus.generate(200_000, seed=9).splitlines()
+    patterns = {t: re.compile(_template_regex(t)) for t in corpus.TEMPLATES}
     observed = collections.Counter()
     for s in sentences:
-        matches = [t for t in corpus.TEMPLATES if re.fullmatch(_template_regex(t), s)]
+        matches = [t for t, pattern in patterns.items() if pattern.fullmatch(s)]
         assert len(matches) == 1, s
         observed[matches[0]] += 1
     for template, p in corpus.TEMPLATES.items():
@@ -136,3 +137,5 @@ def test_window_floor_falls_to_the_rate_like_one_over_context():
     excess_512 = corpus.window_floor_bpb(512) - rate
     assert 0 < excess_512 < excess_256 < 0.05 * rate
     assert excess_512 == pytest.approx(excess_256 / 2, rel=0.02)
+    with pytest.raises(ValueError, match="context must be positive"):
+        corpus.window_floor_bpb(0)

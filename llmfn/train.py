@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
@@ -41,6 +42,15 @@ def decay_mask(params: Params) -> Params:
     )
 
 
+def lr_schedule(lr: float, steps: int, warmup: int, min_lr_ratio: float = 0.1) -> optax.Schedule:
+    """Learning rate of update n: linear from 0 over `warmup` updates, then cosine to lr·min_lr_ratio at `steps`."""
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"learning rate must be a positive number, got {lr}")
+    if steps <= 0 or not 0 <= warmup < steps:
+        raise ValueError(f"need steps > 0 and 0 <= warmup < steps, got steps={steps}, warmup={warmup}")
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * min_lr_ratio)
+
+
 def make_optimizer(
     lr: float,
     steps: int,
@@ -51,16 +61,8 @@ def make_optimizer(
     b2: float = 0.95,
     min_lr_ratio: float = 0.1,
 ) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW on a warmup-cosine schedule (lr → lr·min_lr_ratio).
-
-    `steps` counts optimizer updates; the learning rate rises linearly from 0 over
-    `warmup` of them, then decays along a cosine to `lr * min_lr_ratio` at `steps`.
-    """
-    if not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"learning rate must be a positive number, got {lr}")
-    if steps <= 0 or not 0 <= warmup < steps:
-        raise ValueError(f"need steps > 0 and 0 <= warmup < steps, got steps={steps}, warmup={warmup}")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * min_lr_ratio)
+    """Global-norm clipping, then AdamW (decay masked by `decay_mask`) on `lr_schedule`."""
+    schedule = lr_schedule(lr, steps, warmup, min_lr_ratio)
     return optax.chain(
         optax.clip_by_global_norm(clip),
         optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask),
@@ -101,7 +103,7 @@ def train_step(
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
-    return new_state, {"loss": loss_sum / accum, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss_sum / accum, "grad_norm": optax.tree.norm(grads)}
 
 
 def make_train_step(cfg: Config, optimizer: optax.GradientTransformation, accum: int = 1,
@@ -127,20 +129,23 @@ def eval_step(params: Params, inputs: Int[Array, "B T"], targets: Int[Array, "B 
     return cross_entropy(forward(params, inputs, cfg), targets).sum()
 
 
-def evaluate(params: Params, batches, cfg: Config, bytes_per_token: float) -> dict:
+def evaluate(params: Params, batches, cfg: Config, token_bytes: np.ndarray) -> dict:
     """Validation metrics over an iterable of (inputs (B, T), targets (B, T)) batches.
 
-    Returns {"val_loss": nats/token, "val_ppl": exp(val_loss), "val_bpb": bits per byte of
-    text}; `bytes_per_token` converts per-token to per-byte (1.0 for a byte tokenizer).
+    `token_bytes` (V,) holds the number of UTF-8 bytes behind each token id (the
+    tokenizer's `byte_lengths()`), so bits per byte count the targets' exact bytes.
+    Returns {"val_loss": nats/token, "val_ppl": exp(val_loss), "val_bpb": bits per byte}.
     """
-    total, count = 0.0, 0
+    nats, tokens, n_bytes = 0.0, 0, 0
     for inputs, targets in batches:
-        total += float(_eval_jit(params, jnp.asarray(inputs), jnp.asarray(targets), cfg))
-        count += targets.size
-    if count == 0:
+        nats += float(_eval_jit(params, jnp.asarray(inputs), jnp.asarray(targets), cfg))
+        tokens += targets.size
+        n_bytes += int(token_bytes[np.asarray(targets)].sum())
+    if tokens == 0:
         raise ValueError("no validation batches: the validation split is shorter than one context window")
-    loss = total / count
-    return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 700 else math.inf, "val_bpb": loss / math.log(2) / bytes_per_token}
+    loss = nats / tokens
+    ppl = math.exp(loss) if loss < 700 else math.inf
+    return {"val_loss": loss, "val_ppl": ppl, "val_bpb": nats / math.log(2) / n_bytes}
 
 
 _eval_jit = jax.jit(eval_step, static_argnames="cfg")

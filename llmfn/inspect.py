@@ -1,11 +1,14 @@
-"""Looking inside f_θ: the pieces the notebooks call, each a small pure function.
+"""Looking inside f_θ: the pieces the notebooks call, each one small function.
 
 Axis letters as in model.py, plus E for a stack of parameter sets (an ensemble, or several
 checkpoints of one run) and N for a list of token ids.
 """
 
 import functools
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -13,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from .checkpoint import load
 from .config import Config
 from .model import (
     Block, Norm, Params, _arange_positions, _check_call, check_params, compute_dtype, forward, forward_with_intermediates,
 )
+from .train import loss_fn
 
 
 def embed(params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Float[Array, "B T D"]:
@@ -126,22 +131,14 @@ def ensemble_forward(stacked_params: Params, tokens: Int[Array, "B T"], cfg: Con
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def sequence_loss(params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Float[Array, ""]:
-    """Mean next-token cross-entropy (nats) of tokens[:, 1:] given the tokens before them."""
-    logits = forward(params, tokens[:, :-1], cfg)  # (B, T-1, V)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
-
-
-@functools.partial(jax.jit, static_argnames="cfg")
 def per_example_grads(params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Params:
-    """∇θ of each row's own `sequence_loss`: θ-shaped, every leaf with a leading B axis.
+    """∇θ of each row's own next-token loss (`train.loss_fn` on that row): θ-shaped, every leaf (B, ...).
 
     Their mean over B is the gradient of the batch loss; `jax.vmap(jax.grad(...))` in one call.
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must have shape (B, T) with T >= 2 to have a next token, got {tokens.shape}")
-    row_grad = jax.grad(lambda p, row: sequence_loss(p, row[None], cfg))
+    row_grad = jax.grad(lambda p, row: loss_fn(p, row[None, :-1], row[None, 1:], cfg))
     return jax.vmap(row_grad, in_axes=(None, 0))(params, tokens)
 
 
@@ -162,41 +159,6 @@ def embedding_projection(params: Params, token_ids: Int[Array, "N"], cfg: Config
     projected = centred @ vt[:2].T  # (N, 2)
     biggest = jnp.take_along_axis(projected, jnp.abs(projected).argmax(0)[None], axis=0)  # (1, 2)
     return projected * jnp.where(biggest < 0, -1.0, 1.0).astype(projected.dtype)
-
-
-def sampling_distribution(
-    logits: Float[Array, "... V"], temperature: float = 1.0, top_k: int | None = None,
-    top_p: float | None = None, min_p: float | None = None,
-) -> Float[Array, "... V"]:
-    """The distribution a sampler with these settings draws from, (..., V), rows sum to 1.
-
-    Applied in order: divide logits by temperature; keep the top_k most likely tokens; keep
-    the smallest set of most likely tokens whose probability reaches top_p; drop tokens
-    less likely than min_p times the most likely one. Temperature 0 is greedy (one-hot).
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    for name, value in (("top_p", top_p), ("min_p", min_p)):
-        if value is not None and not 0 < value <= 1:
-            raise ValueError(f"{name} must be in (0, 1], got {value}")
-    logits = jnp.asarray(logits, jnp.float32)
-    if temperature == 0:
-        return jax.nn.one_hot(logits.argmax(-1), logits.shape[-1], dtype=jnp.float32)
-    logits = logits / jnp.float32(temperature)
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]  # (..., 1)
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        sorted_probs = jnp.sort(jax.nn.softmax(logits, axis=-1), axis=-1)[..., ::-1]  # (..., V) descending
-        before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the more likely tokens
-        cutoff = jnp.min(jnp.where(before < top_p, sorted_probs, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(jax.nn.softmax(logits, axis=-1) < cutoff, -jnp.inf, logits)
-    if min_p is not None:
-        probs = jax.nn.softmax(logits, axis=-1)
-        logits = jnp.where(probs < jnp.float32(min_p) * probs.max(-1, keepdims=True), -jnp.inf, logits)
-    return jax.nn.softmax(logits, axis=-1)
 
 
 def forward_flops(cfg: Config, length: int) -> dict[str, int]:
@@ -229,3 +191,18 @@ def time_forward(params: Params, cfg: Config, lengths, batch: int = 1, repeats: 
             best = min(best, time.perf_counter() - start)
         seconds.append(best)
     return np.array(seconds)
+
+
+def load_or_train(run_dir, *train_flags: str):
+    """(cfg, params, tokenizer) of a run directory's latest checkpoint, training it first if it has none.
+
+    Training is the main job, `python train.py --out-dir run_dir *train_flags`, run in a
+    subprocess from the checkout this package lives in; its output streams through.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").iterdir()):
+        script = Path(__file__).resolve().parents[1] / "train.py"
+        if not script.is_file():
+            raise ValueError(f"{run_dir} holds no checkpoint and {script} is missing: train the run from a checkout of llmfn")
+        subprocess.run([sys.executable, str(script), "--out-dir", str(run_dir), *train_flags], check=True)
+    return load(run_dir)

@@ -115,6 +115,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, BATCH)
 
 
+def step_shardings(shardings, mesh: Mesh) -> tuple[tuple, tuple]:
+    """(in_shardings, out_shardings) for `step(state, inputs, targets) -> (state, metrics)`.
+
+    The state keeps `shardings` (from `state_shardings`) across the step, both batches are
+    split by `batch_sharding`, and the metrics come back replicated so that every process
+    can read them.
+    """
+    rows = batch_sharding(mesh)
+    return (shardings, rows, rows), (shardings, NamedSharding(mesh, P()))
+
+
 def local_rows(batch: np.ndarray, mesh: Mesh | None) -> np.ndarray:
     """The rows of a global (B, ...) batch that this process feeds to its own devices.
 

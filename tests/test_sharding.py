@@ -16,6 +16,7 @@ from llmfn.sharding import (
     make_mesh,
     sharded_init,
     state_shardings,
+    step_shardings,
 )
 from llmfn.train import init_state, make_optimizer, make_train_step
 
@@ -42,8 +43,8 @@ def train(mesh, steps=STEPS):
         state, step = jax.jit(fresh_state)(0), make_train_step(CFG, OPT)
     else:
         state, shardings = sharded_init(fresh_state, mesh, 0)
-        rows = batch_sharding(mesh)
-        step = make_train_step(CFG, OPT, in_shardings=(shardings, rows, rows), out_shardings=(shardings, None))
+        ins, outs = step_shardings(shardings, mesh)
+        step = make_train_step(CFG, OPT, in_shardings=ins, out_shardings=outs)
     losses = []
     for inputs, targets in batches()[:steps]:
         state, metrics = step(state, make_global_batch(inputs, mesh), make_global_batch(targets, mesh))
@@ -98,7 +99,7 @@ def test_batch_is_split_over_every_device():
     mesh = make_mesh("data=4,fsdp=2")
     rows = np.arange(16 * 3, dtype=np.int32).reshape(16, 3)
     batch = make_global_batch(local_rows(rows, mesh), mesh)
-    assert batch.sharding.spec == P(("data", "fsdp"))
+    assert batch.sharding == batch_sharding(mesh) and batch.sharding.spec == P(("data", "fsdp"))
     assert {s.data.shape for s in batch.addressable_shards} == {(2, 3)}
     np.testing.assert_array_equal(np.asarray(batch), rows)
     with pytest.raises(ValueError, match="multiple of the device count"):

@@ -76,7 +76,9 @@ def _architecture(cfg: Config) -> str:
     """"gpt2" or "llama": the transformers architecture that computes the same function as cfg."""
     if cfg.norm == "layernorm" and cfg.positions == "learned" and cfg.mlp in ("gelu", "relu"):
         if not cfg.bias or cfg.kv_heads != cfg.n_heads:
-            raise ValueError("transformers' GPT-2 always has biases and one key/value head per query head: set bias=True, n_kv_heads=None")
+            raise ValueError(
+                "transformers' GPT-2 always has biases and one key/value head per query head: set bias=True, n_kv_heads=None"
+            )
         return "gpt2"
     if cfg.norm == "rmsnorm" and cfg.positions == "rope" and cfg.mlp == "swiglu":
         return "llama"
@@ -161,7 +163,8 @@ def _llama_layer(get, p: str, cfg: Config) -> dict:
         "attn": {"q": lin("self_attn.q_proj", (H, K), D), "k": lin("self_attn.k_proj", (G, K), D),
                  "v": lin("self_attn.v_proj", (G, K), D), "o": o},
         "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight", (D,))},
-        "mlp": {"gate": lin("mlp.gate_proj", (F,), D), "up": lin("mlp.up_proj", (F,), D), "down": lin("mlp.down_proj", (D,), F)},
+        "mlp": {"gate": lin("mlp.gate_proj", (F,), D), "up": lin("mlp.up_proj", (F,), D),
+                "down": lin("mlp.down_proj", (D,), F)},
     }
 
 

@@ -72,9 +72,10 @@ HF_MODELS = {
     "gpt2-gelu-tied": lambda: gpt2(),
     "gpt2-relu-untied-inner": lambda: gpt2(activation_function="relu", tie_word_embeddings=False, n_inner=48),
     "llama-gqa": lambda: llama(),
-    "llama-bias-tied-theta": lambda: llama(num_key_value_heads=4, attention_bias=True, mlp_bias=True,
-                                           tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
-                                           rms_norm_eps=1e-5),
+    "llama-bias-tied-theta": lambda: llama(
+        num_key_value_heads=4, attention_bias=True, mlp_bias=True, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
+    ),
 }
 
 
@@ -93,7 +94,8 @@ def test_from_hf_logits_match_transformers_and_to_hf_round_trips(name, tmp_path)
 
 def test_from_hf_reads_the_config_fields():
     cfg, _ = from_hf(HF_MODELS["llama-bias-tied-theta"]())
-    assert (cfg.rope_theta, cfg.norm_eps, cfg.bias, cfg.tie_embeddings, cfg.n_kv_heads) == (500_000.0, 1e-5, True, True, None)
+    got = (cfg.rope_theta, cfg.norm_eps, cfg.bias, cfg.tie_embeddings, cfg.n_kv_heads)
+    assert got == (500_000.0, 1e-5, True, True, None)
     cfg, _ = from_hf(HF_MODELS["gpt2-relu-untied-inner"]())
     assert (cfg.mlp, cfg.d_ff, cfg.tie_embeddings, cfg.context, cfg.positions) == ("relu", 48, False, 32, "learned")
     assert from_hf(llama())[0].kv_heads == 2
@@ -193,7 +195,8 @@ def test_from_hf_names_missing_misshapen_and_unused_tensors(tmp_path):
         (lambda s: s.pop("transformer.h.1.mlp.c_fc.bias"), "lacks tensor transformer.h.1.mlp.c_fc.bias"),
         (lambda s: s.update({"transformer.wpe.weight": np.zeros((16, 64), np.float32)}),
          r"transformer.wpe.weight has shape \(16, 64\), but its config implies \(32, 64\)"),
-        (lambda s: s.update({"transformer.h.0.attn.extra": np.zeros(3, np.float32)}), "transformer.h.0.attn.extra has no place"),
+        (lambda s: s.update({"transformer.h.0.attn.extra": np.zeros(3, np.float32)}),
+         "transformer.h.0.attn.extra has no place"),
     ]):
         broken = dict(state)
         change(broken)

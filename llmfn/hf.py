@@ -196,6 +196,22 @@ TOP = {
 }
 
 
+def config_from_hf(hf_config: dict) -> Config:
+    """The llmfn Config of a transformers GPT-2 / Llama config (a config.json dict or `config.to_dict()`).
+
+    Settings llmfn cannot compute exactly (rope scaling, other activations, ...) raise ValueError.
+    """
+    arch = hf_config.get("model_type")
+    if arch not in ARCHS:
+        raise ValueError(f"model_type {arch!r} is not supported: llmfn reads 'gpt2' and 'llama'")
+    return ARCHS[arch][0](hf_config)
+
+
+def config_to_hf(cfg: Config) -> dict:
+    """The transformers config.json dict (GPT-2 or Llama) whose model computes the same function as cfg."""
+    return _hf_config(cfg, _architecture(cfg))
+
+
 def from_hf(source) -> tuple[Config, Params]:
     """(cfg, θ) from a transformers GPT-2 / Llama causal LM: a model object or a local directory.
 
@@ -206,11 +222,8 @@ def from_hf(source) -> tuple[Config, Params]:
     ValueError.
     """
     hf_config, tensors = _read(source)
-    arch = hf_config.get("model_type")
-    if arch not in ARCHS:
-        raise ValueError(f"model_type {arch!r} is not supported: from_hf reads 'gpt2' and 'llama'")
-    read_config, base, layer_prefix, read_layer, _ = ARCHS[arch]
-    cfg = read_config(hf_config)
+    cfg, arch = config_from_hf(hf_config), hf_config["model_type"]
+    _, base, layer_prefix, read_layer, _ = ARCHS[arch]
     if not any(name.startswith(base) for name in tensors):  # saved from the base model (GPT2Model, LlamaModel)
         tensors = {name if name.startswith("lm_head.") else base + name: t for name, t in tensors.items()}
     used = set()

@@ -13,7 +13,7 @@ import transformers
 from safetensors.numpy import save_file
 
 import llmfn
-from llmfn.hf import from_hf, to_hf
+from llmfn.hf import config_from_hf, config_to_hf, from_hf, to_hf
 
 TOKENS = np.random.default_rng(0).integers(0, 100, (2, 24))  # (B, T)
 
@@ -99,6 +99,41 @@ def test_from_hf_reads_the_config_fields():
     cfg, _ = from_hf(HF_MODELS["gpt2-relu-untied-inner"]())
     assert (cfg.mlp, cfg.d_ff, cfg.tie_embeddings, cfg.context, cfg.positions) == ("relu", 48, False, 32, "learned")
     assert from_hf(llama())[0].kv_heads == 2
+
+
+# config.json of openai-community/gpt2, meta-llama/Llama-2-7b-hf and meta-llama/Meta-Llama-3-8B (fields that matter).
+PUBLISHED_CONFIGS = {
+    "gpt2": {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "initializer_range": 0.02,
+             "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12,
+             "n_layer": 12, "n_positions": 1024, "vocab_size": 50257},
+    "llama2-7b": {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 4096,
+                  "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
+                  "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+                  "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+                  "torch_dtype": "float16", "vocab_size": 32000},
+    "llama3-8b": {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "hidden_act": "silu",
+                  "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+                  "max_position_embeddings": 8192, "model_type": "llama", "num_attention_heads": 32,
+                  "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                  "rope_scaling": None, "rope_theta": 500000.0, "tie_word_embeddings": False,
+                  "torch_dtype": "bfloat16", "vocab_size": 128256},
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_CONFIGS)
+def test_published_configs_read_as_the_presets(name):
+    assert config_from_hf(PUBLISHED_CONFIGS[name]) == llmfn.presets[name]
+
+
+@pytest.mark.parametrize("name", llmfn.presets)
+def test_transformers_builds_every_preset_with_the_same_parameter_count(name):
+    """The preset written as a transformers config, built on the meta device (nothing allocated)."""
+    cfg = llmfn.presets[name]
+    config = transformers.AutoConfig.for_model(**config_to_hf(cfg))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == llmfn.param_count(cfg)
+    assert config_from_hf(config.to_dict()) == cfg
 
 
 LLMFN_CONFIGS = {

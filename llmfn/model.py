@@ -231,7 +231,7 @@ def forward(params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Float[Arr
     Token ids >= V are clamped by JAX's gather, not refused: use `check_tokens` on
     untrusted input.
     """
-    _check_call(params, tokens, cfg, cfg.context)
+    _check_call(params, tokens, cfg)
     logits, _, _ = Transformer(cfg).apply({"params": params}, tokens, _arange_positions(tokens), None, None)
     return logits
 
@@ -243,7 +243,7 @@ def forward_with_intermediates(params: Params, tokens: Int[Array, "B T"], cfg: C
     residual[0] is the embedding, residual[l] the residual stream after layer l;
     attention holds the softmax weights of every head (rows sum to 1, causal).
     """
-    _check_call(params, tokens, cfg, cfg.context)
+    _check_call(params, tokens, cfg)
     module = Transformer(cfg, with_intermediates=True)
     logits, _, intermediates = module.apply({"params": params}, tokens, _arange_positions(tokens), None, None)
     return logits, intermediates
@@ -291,9 +291,10 @@ def _arange_positions(tokens):
     return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)  # (B, T)
 
 
-def _check_call(params: Params, tokens, cfg: Config, max_len: int) -> None:
+def _check_call(params: Params, tokens, cfg: Config, max_len: int | None = None) -> None:
     if not isinstance(cfg, Config):
         raise TypeError(f"cfg must be an llmfn.Config, got {type(cfg).__name__}")
+    max_len = cfg.context if max_len is None else max_len
     if tokens.ndim != 2:
         raise ValueError(f"tokens must have shape (B, T), got shape {tokens.shape}: add a batch axis with tokens[None]")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):

@@ -229,17 +229,24 @@ class Run:
             if len(split) < cfg.context + 1:
                 raise UserError(f"the {name} split has {len(split)} tokens, fewer than one window of --context "
                                 f"{cfg.context} + 1: use more text or a shorter --context")
-        prepare_run_dir(args, cfg, self.tokenizer)
         self.main = jax.process_index() == 0
+        sharding.barrier("run directory read")  # before process 0 writes into it
+        if self.main:
+            prepare_run_dir(args, cfg, self.tokenizer)
+        sharding.barrier("run directory written")
 
         optimizer = fit.make_optimizer(args.lr, args.steps, args.warmup, args.weight_decay, args.clip)
         self.schedule = fit.lr_schedule(args.lr, args.steps, args.warmup)
-        self.state = fit.init_state(llmfn.init(cfg, jax.random.key(args.seed)), optimizer, jax.random.key(args.seed))
+
+        def fresh_state(seed):
+            return fit.init_state(llmfn.init(cfg, jax.random.key(seed)), optimizer, jax.random.key(seed))
+
         shardings = (None, None)
-        if self.mesh is not None:
-            state_sh, batch_sh = sharding.state_shardings(self.state, self.mesh), sharding.batch_sharding(self.mesh)
-            self.state = jax.device_put(self.state, state_sh)
-            shardings = ((state_sh, batch_sh, batch_sh), (state_sh, None))
+        if self.mesh is None:
+            self.state = fresh_state(args.seed)
+        else:  # built already split over the mesh: θ is never whole on one device
+            self.state, state_sh = sharding.sharded_init(fresh_state, self.mesh, args.seed)
+            shardings = sharding.step_shardings(state_sh, self.mesh)
         self.step_fn = fit.make_train_step(cfg, optimizer, args.accum, *shardings)
         self.mngr = checkpoint.manager(args.out_dir, args.keep)
         restored = checkpoint.restore(self.mngr, self.state)
@@ -258,13 +265,17 @@ class Run:
         if self.main:
             tqdm.write(line)
 
+    def place(self, rows: np.ndarray) -> jax.Array:
+        """A global (B, T) batch, every process computing it whole and feeding its own rows."""
+        return sharding.make_global_batch(sharding.local_rows(rows, self.mesh), self.mesh)
+
     def batch(self, step: int):
         inputs, targets = data.get_batch(self.train_tokens, self.args.seed, step, self.args.batch_size, self.cfg.context)
-        return (sharding.make_global_batch(sharding.local_rows(x, self.mesh), self.mesh) for x in (inputs, targets))
+        return self.place(inputs), self.place(targets)
 
     def evaluate(self) -> dict:
         batches = data.eval_batches(self.val_tokens, self.args.batch_size, self.cfg.context, self.args.eval_batches)
-        result = fit.evaluate(self.state["params"], batches, self.cfg, self.token_bytes)
+        result = fit.evaluate(self.state["params"], batches, self.cfg, self.token_bytes, self.place)
         if self.bound is not None:
             result |= {"bound_bpb": self.bound, "gap": result["val_bpb"] / self.bound - 1}
         if self.log is not None:
@@ -314,13 +325,15 @@ class Run:
                 result = self.evaluate()
                 self.say(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
                 clock = time.perf_counter()
-            if (step + 1) % args.ckpt_every == 0 or signals.received:
+            stop = sharding.any_process(signals.received is not None)  # all processes stop at one step
+            if (step + 1) % args.ckpt_every == 0 or stop:
                 self.save()
-            if signals.received:
+            if stop:
                 bar.close()
-                print(f"train.py: stopped by signal {signals.received} at step {self.step}, checkpoint saved in "
+                signum = signals.received or signal.SIGTERM  # a process whose peer got the signal
+                print(f"train.py: stopped by signal {signum} at step {self.step}, checkpoint saved in "
                       f"{args.out_dir}: run the same command to resume", file=sys.stderr)
-                return 128 + signals.received
+                return 128 + signum
         bar.close()
         return 0
 
@@ -328,11 +341,12 @@ class Run:
         """Final checkpoint, evaluation, loss curve, samples and metrics."""
         self.save()
         result = self.evaluate()
+        params = sharding.gather(self.state["params"]) if self.args.samples else None  # collective
         if not self.main:
             return
         self.log.close()
         metrics.plot_losses(self.args.out_dir, self.bound)
-        print_samples(self.state["params"], self.cfg, self.tokenizer, self.val_tokens, self.bound is not None,
+        print_samples(params, self.cfg, self.tokenizer, self.val_tokens, self.bound is not None,
                       self.args.samples, self.args.seed)
         print(f"final (step {self.step}): " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         print(f"run directory: {self.args.out_dir} (metrics.jsonl, loss.png, checkpoints/)")

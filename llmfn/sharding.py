@@ -13,6 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -155,3 +156,29 @@ def make_global_batch(rows: np.ndarray, mesh: Mesh | None) -> jax.Array:
             f"{mesh.size} devices: choose a batch size that is a multiple of the device count"
         )
     return jax.make_array_from_process_local_data(batch_sharding(mesh), rows)
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (a collective with several processes).
+
+    Lets all processes agree to stop at the same step when only some of them got a signal.
+    """
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+
+
+def gather(tree):
+    """Every array of `tree` whole, as NumPy on every process (a collective with several).
+
+    With one process the tree comes back unchanged: jit reads sharded arrays directly.
+    """
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)  # tiled: whole arrays, not stacked

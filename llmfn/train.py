@@ -88,7 +88,8 @@ def train_step(
     B, T = inputs.shape
     if accum <= 0 or B % accum:
         raise ValueError(f"batch size {B} is not divisible by the accumulation factor {accum}")
-    micro = (inputs.reshape(accum, B // accum, T), targets.reshape(accum, B // accum, T))  # (A, N, T) ×2
+    # micro-batch a holds rows a, a + A, ...: on a mesh each device keeps its own rows in every one
+    micro = tuple(x.reshape(B // accum, accum, T).swapaxes(0, 1) for x in (inputs, targets))  # (A, N, T) ×2
     grad_fn = jax.value_and_grad(loss_fn)
 
     def accumulate(carry, batch):
@@ -129,16 +130,17 @@ def eval_step(params: Params, inputs: Int[Array, "B T"], targets: Int[Array, "B 
     return cross_entropy(forward(params, inputs, cfg), targets).sum()
 
 
-def evaluate(params: Params, batches, cfg: Config, token_bytes: np.ndarray) -> dict:
-    """Validation metrics over an iterable of (inputs (B, T), targets (B, T)) batches.
+def evaluate(params: Params, batches, cfg: Config, token_bytes: np.ndarray, place=jnp.asarray) -> dict:
+    """Validation metrics over an iterable of (inputs (B, T), targets (B, T)) NumPy batches.
 
     `token_bytes` (V,) holds the number of UTF-8 bytes behind each token id (the
     tokenizer's `byte_lengths()`), so bits per byte count the targets' exact bytes.
+    `place` puts a batch on the devices (on a mesh: split it, see `llmfn.sharding`).
     Returns {"val_loss": nats/token, "val_ppl": exp(val_loss), "val_bpb": bits per byte}.
     """
     nats, tokens, n_bytes = 0.0, 0, 0
     for inputs, targets in batches:
-        nats += float(_eval_jit(params, jnp.asarray(inputs), jnp.asarray(targets), cfg))
+        nats += float(_eval_jit(params, place(inputs), place(targets), cfg))
         tokens += targets.size
         n_bytes += int(token_bytes[np.asarray(targets)].sum())
     if tokens == 0:

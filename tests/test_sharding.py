@@ -37,14 +37,14 @@ def batches():
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
-def train(mesh, steps=STEPS):
+def train(mesh, steps=STEPS, accum=1):
     """Losses and final state of `steps` updates on one device (mesh None) or on `mesh`."""
     if mesh is None:
-        state, step = jax.jit(fresh_state)(0), make_train_step(CFG, OPT)
+        state, step = jax.jit(fresh_state)(0), make_train_step(CFG, OPT, accum)
     else:
         state, shardings = sharded_init(fresh_state, mesh, 0)
         ins, outs = step_shardings(shardings, mesh)
-        step = make_train_step(CFG, OPT, in_shardings=ins, out_shardings=outs)
+        step = make_train_step(CFG, OPT, accum, in_shardings=ins, out_shardings=outs)
     losses = []
     for inputs, targets in batches()[:steps]:
         state, metrics = step(state, make_global_batch(inputs, mesh), make_global_batch(targets, mesh))
@@ -57,10 +57,11 @@ def single():
     return train(None)
 
 
-@pytest.mark.parametrize("spec", ["data=4,fsdp=2", "fsdp=8"])
-def test_sharded_training_matches_one_device(single, spec):
+@pytest.mark.parametrize("spec, accum", [("data=4,fsdp=2", 1), ("fsdp=8", 2)])
+def test_sharded_training_matches_one_device(single, spec, accum):
+    """Two micro-batches of 8 rows on 8 devices give the update of the whole 16-row batch."""
     mesh = make_mesh(spec)
-    losses, state = train(mesh)
+    losses, state = train(mesh, accum=accum)
     ref_losses, ref_state = single
     assert losses[-1] < losses[0] - 0.05  # it really trains
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)

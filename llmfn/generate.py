@@ -32,7 +32,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .config import Config
-from .model import Params, check_tokens, forward_cached, init_cache
+from .model import Block, Norm, Params, check_tokens, compute_dtype, forward_cached, init_cache
 
 PAD = 0  # the token id written where a row has nothing (see `valid`)
 _BISECTION_STEPS = 30  # float32 bit patterns of probabilities in [0, 1] span < 2**30 values
@@ -157,20 +157,56 @@ def _prefill(params, prompts, lengths, key, settings, stops, cfg: Config, cache_
     B = prompts.shape[0]
     logits, cache = forward_cached(params, prompts, init_cache(cfg, B, cache_len), cfg)  # (B, P, V)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
-    cache = {**cache, "pos": lengths}  # padding keys past n_b are masked, then overwritten
+    # Padding keys past n_b are masked, then overwritten; decode keeps one buffer per layer.
+    cache = {"k": _per_layer(cache["k"], cfg), "v": _per_layer(cache["v"], cfg), "pos": lengths}
     token, _, done = _pick(key, 0, last, settings, stops, jnp.zeros((B,), bool))
     return {"cache": cache, "last": token, "done": done, "step": jnp.ones((), jnp.int32)}, token
 
 
-def _decode(params, state, key, settings, stops, cfg: Config, steps: int):
-    """`steps` decode steps: → (state, tokens (B, steps), valid (B, steps))."""
+def _decode(layered, state, key, settings, stops, cfg: Config, steps: int):
+    """`steps` decode steps with θ from `_layered`: → (state, tokens (B, steps), valid (B, steps))."""
     def step(state, _):
-        logits, cache = forward_cached(params, state["last"][:, None], state["cache"], cfg)  # (B, 1, V)
-        token, valid, done = _pick(key, state["step"], logits[:, 0], settings, stops, state["done"])
+        logits, cache = _forward_one(layered, state["last"], state["cache"], cfg)  # (B, V)
+        token, valid, done = _pick(key, state["step"], logits, settings, stops, state["done"])
         return {"cache": cache, "last": token, "done": done, "step": state["step"] + 1}, (token, valid)
 
     state, (tokens, valid) = jax.lax.scan(step, state, length=steps)  # (steps, B)
     return state, tokens.T, valid.T
+
+
+def _per_layer(stacked, cfg: Config) -> tuple:
+    """A pytree with a leading L axis → a tuple of L pytrees, each its own buffer."""
+    return tuple(jax.tree.map(lambda x: x[l], stacked) for l in range(cfg.n_layers))
+
+
+def _layered(params: Params, cfg: Config) -> Params:
+    """θ with params["layers"] split into a tuple of per-layer dicts, for `_forward_one`."""
+    return {**params, "layers": _per_layer(params["layers"], cfg)}
+
+
+def _forward_one(layered, tokens, cache, cfg: Config):
+    """forward_cached on one token per row (B,): → (logits (B, V), cache), over per-layer buffers.
+
+    The same modules and arithmetic as model.Transformer, but the layers run as a Python
+    loop over separate weight and cache buffers: XLA on CPU copies a slice of a stacked
+    (L, ...) weight before each matmul (three memory passes per weight per token instead
+    of one), and the stacked cache would be rewritten whole at every step.
+    """
+    S = cache["k"][0].shape[1]
+    positions = cache["pos"][:, None]  # (B, 1)
+    mask = (jnp.arange(S) <= positions[..., None])[:, None]  # (B, 1, 1, S)
+    x = jnp.take(layered["embed"], tokens[:, None], axis=0)  # (B, 1, D)
+    if cfg.positions == "learned":
+        x = x + jnp.take(layered["pos_embed"], positions, axis=0)
+    ks, vs = [], []
+    for layer, k, v in zip(layered["layers"], cache["k"], cache["v"]):
+        x, ((k, v), _, _) = Block(cfg).apply({"params": layer}, x, positions, mask, cache["pos"], (k, v))
+        ks, vs = ks + [k], vs + [v]  # (B, S, G, K) each
+    h = Norm(cfg).apply({"params": layered["final_norm"]}, x)
+    head = layered["embed"].T if cfg.tie_embeddings else layered["head"]  # (D, V)
+    dt = compute_dtype(cfg)
+    logits = jnp.einsum("BTD,DV->BTV", h.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
+    return logits[:, 0], {"k": tuple(ks), "v": tuple(vs), "pos": cache["pos"] + 1}
 
 
 def _place(prompts, lengths, new, new_valid):
@@ -189,7 +225,7 @@ def _place(prompts, lengths, new, new_valid):
 def _generate(params, prompts, lengths, key, settings, stops, cfg: Config, max_new_tokens: int):
     P = prompts.shape[1]
     state, first = _prefill(params, prompts, lengths, key, settings, stops, cfg, P + max_new_tokens)
-    _, rest, rest_valid = _decode(params, state, key, settings, stops, cfg, max_new_tokens - 1)
+    _, rest, rest_valid = _decode(_layered(params, cfg), state, key, settings, stops, cfg, max_new_tokens - 1)
     new = jnp.concatenate([first[:, None], rest], 1)  # (B, N)
     new_valid = jnp.concatenate([jnp.ones_like(first, bool)[:, None], rest_valid], 1)
     return _place(prompts, lengths, new, new_valid)
@@ -197,6 +233,7 @@ def _generate(params, prompts, lengths, key, settings, stops, cfg: Config, max_n
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "cache_len"))
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "steps"))
+_layered_jit = jax.jit(_layered, static_argnames="cfg")
 
 
 # ---------------------------------------------------------------- the public API
@@ -257,10 +294,10 @@ def generate_chunks(
     cache_len = prompts.shape[1] + max_new_tokens
     state, first = _prefill_jit(params, prompts, lengths, key, settings, stops, cfg, cache_len)
     yield first[:, None], jnp.ones((prompts.shape[0], 1), bool)
-    left = max_new_tokens - 1
+    layered, left = _layered_jit(params, cfg), max_new_tokens - 1
     while left > 0 and not bool(jnp.all(state["done"])):
         steps = min(chunk, left)
-        state, tokens, valid = _decode_jit(params, state, key, settings, stops, cfg, steps)
+        state, tokens, valid = _decode_jit(layered, state, key, settings, stops, cfg, steps)
         left -= steps
         yield tokens, valid
 
@@ -287,7 +324,9 @@ def _check_inputs(params, prompts, cfg, max_new_tokens, prompt_lengths, stop_tok
             raise ValueError(f"prompt_lengths must lie in 1..{P} (the padded prompt length), got {np.asarray(lengths).tolist()}")
         if not isinstance(prompts, jax.core.Tracer):
             check_tokens(np.where(np.arange(P) < np.asarray(lengths)[:, None], np.asarray(prompts), 0), cfg)
-    stops = jnp.asarray(stop_tokens, jnp.int32).reshape(-1)
+    stops = jnp.asarray(stop_tokens).reshape(-1)
+    if stops.size and not jnp.issubdtype(stops.dtype, jnp.integer):
+        raise TypeError(f"stop_tokens must be integer token ids, got dtype {stops.dtype}")
     if not isinstance(stops, jax.core.Tracer):
         check_tokens(stops, cfg)
-    return prompts.astype(jnp.int32), lengths, _settings(B, *sampling), stops
+    return prompts.astype(jnp.int32), lengths, _settings(B, *sampling), stops.astype(jnp.int32)

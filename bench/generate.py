@@ -1,0 +1,102 @@
+"""Generation speed: llmfn.generate against transformers' generate, side by side in one run.
+
+    python bench/generate.py            # small preset and a GPT-2-124M-size model
+    python bench/generate.py --quick    # fewer tokens and repeats
+
+Both sides get the same random weights (transformers' model read with `from_hf`), the same
+prompts and decoding settings (greedy; temperature 0.8 + top-p 0.9) for exactly N new tokens, and the same CPU cores. Timings are
+end to end (prefill included) and interleaved, so background load hits both alike; compile
+time is reported apart. The bandwidth bound: decoding one token at batch 1 reads every
+parameter once, so it cannot beat (copy bandwidth) / (parameter bytes) tokens/s; the copy
+bandwidth is measured in this run (bytes read + written by a large array update).
+"""
+
+import dataclasses
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+import torch
+import transformers
+import tyro
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench.common import copy_bytes_per_s, cores, interleaved  # noqa: E402
+from llmfn.generate import generate  # noqa: E402
+from llmfn.hf import from_hf  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    quick: bool = False  # 16 new tokens, 2 repeats; GPT-2 at batch 1 greedy only
+    models: tuple[str, ...] = ("small", "gpt2")  # llmfn preset names (random weights)
+    prompt_len: int = 16  # P
+    new_tokens: int = 64  # N
+    repeats: int = 3
+
+
+def hf_model(preset: str):
+    """A transformers GPT-2 with random weights in the shape of an llmfn preset."""
+    cfg = {"small": dict(vocab_size=256, n_positions=256, n_embd=256, n_layer=4, n_head=4),
+           "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)}[preset]
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**cfg, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+SAMPLED = dict(temperature=0.8, top_p=0.9)  # the sampled setting, beside greedy
+
+
+def measure(hf, cfg, params, batch: int, sampled: bool, args: Args) -> dict:
+    """Seconds per generate call (llmfn, transformers) and llmfn's compile time."""
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, args.prompt_len))
+    ids = torch.tensor(prompts)
+    key = jax.random.key(0)
+
+    def ours():
+        settings = SAMPLED if sampled else dict(temperature=0.0)
+        generate(params, prompts, key, cfg, args.new_tokens, **settings)[0].block_until_ready()
+
+    def theirs():
+        with torch.no_grad():
+            settings = dict(do_sample=True, top_k=0, **SAMPLED) if sampled else dict(do_sample=False)
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens, **settings)
+
+    start = time.perf_counter()
+    ours()
+    first = time.perf_counter() - start
+    t = interleaved({"llmfn": ours, "transformers": theirs}, repeats=args.repeats)
+    return {"llmfn": t["llmfn"], "transformers": t["transformers"], "compile": first - t["llmfn"]}
+
+
+def main(args: Args) -> None:
+    if args.quick:
+        args = dataclasses.replace(args, new_tokens=16, repeats=2)
+    torch.set_num_threads(cores())
+    bandwidth = copy_bytes_per_s()
+    print(f"{cores()} cores | jax {jax.__version__} ({jax.default_backend()}) | torch {torch.__version__} "
+          f"| copy bandwidth {bandwidth / 1e9:.1f} GB/s | P={args.prompt_len} N={args.new_tokens}")
+    print("model  batch mode   | llmfn tok/s  ms/token  compile s | transformers tok/s  ms/token | speed-up | % of bound")
+    for preset in args.models:
+        hf = hf_model(preset)
+        cfg, params = from_hf(hf)
+        # Bytes one decode step reads: every float32 parameter (the tied head once), but only
+        # one row of the position table.
+        param_bytes = 4 * (sum(x.size for x in jax.tree.leaves(params)) - params["pos_embed"].size + cfg.d_model)
+        for batch, sampled in ((1, False), (16, False), (1, True)):
+            if args.quick and (batch, sampled) != (1, False) and preset != "small":
+                continue
+            t = measure(hf, cfg, params, batch, sampled, args)
+            ms = {k: 1e3 * t[k] / args.new_tokens for k in ("llmfn", "transformers")}  # per decode step
+            rate = {k: batch * args.new_tokens / t[k] for k in ("llmfn", "transformers")}
+            bound = f"{100 * rate['llmfn'] / (bandwidth / param_bytes):5.0f}%" if batch == 1 else "     -"
+            print(f"{preset:6s} {batch:5d} {'top-p' if sampled else 'greedy':6s} | {rate['llmfn']:11.1f} {ms['llmfn']:9.2f} {t['compile']:10.1f} | "
+                  f"{rate['transformers']:18.1f} {ms['transformers']:9.2f} | {t['transformers'] / t['llmfn']:7.2f}x | {bound}")
+    print("ms/token = wall time of one generate call / N (prefill included); provisional on a shared machine")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))

@@ -78,11 +78,18 @@ def attend(q, k, v, mask, with_weights: bool):
 
     q (B, T, H, K), k and v (B, S, G, K), mask (B, 1, T, S) bool or None (causal, S = T).
     Returns (B, T, H, K) and, if with_weights, the attention weights (B, H, T, S).
+    float32 goes through `jax.nn.dot_product_attention`; bfloat16 causal attention on a GPU
+    asks for cuDNN's fused kernel; the rest takes the einsum path below, whose dtypes are
+    explicit (jax's own bf16 path promotes f32 with bf16 in its backward pass, which strict
+    dtype promotion refuses).
     """
-    if not with_weights:
-        with jax.numpy_dtype_promotion("standard"):  # jax's own bf16 path promotes implicitly
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
-        return out, None
+    if not with_weights and q.dtype == jnp.float32:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None), None
+    if not with_weights and mask is None and jax.default_backend() == "gpu":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"), None
+        except (RuntimeError, ValueError, NotImplementedError):  # no cuDNN kernel for this GPU or shape
+            pass
     B, T, H, K = q.shape
     S, G = k.shape[1], k.shape[2]
     if mask is None:
@@ -93,7 +100,7 @@ def attend(q, k, v, mask, with_weights: bool):
     weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)  # (B, H, T, S)
     wg = weights.reshape(B, G, H // G, T, S).astype(v.dtype)
     out = jnp.einsum("BGRTS,BSGK->BTGRK", wg, v).reshape(B, T, H, K)
-    return out, weights
+    return out, weights if with_weights else None
 
 
 def _insert(cache: Float[Array, "B S G K"], new: Float[Array, "B T G K"], start: Int[Array, "B"]):

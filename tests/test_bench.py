@@ -1,0 +1,67 @@
+"""Smoke tests: every bench script runs at a tiny size and prints its ratio lines.
+
+Speed is never asserted here (see DESIGN.md): only that the scripts run, print the
+ratios they promise, and refuse bad arguments with one line and exit code 2.
+"""
+
+import pathlib
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import common, compile_time, gpu, train_speed  # noqa: E402
+
+RATIO = r"ratio .*: \d+\.\d\d"
+
+
+def ratio_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if re.search(RATIO, line)]
+
+
+def test_train_speed_prints_its_ratios(capsys):
+    train_speed.main(train_speed.Args(sizes=("tiny",), batch=2, repeats=1, breakdown=True, matmul_n=128))
+    lines = ratio_lines(capsys.readouterr().out)
+    for wanted in ("llmfn/torch tokens/s", "llmfn MFU", "scan/unrolled", "llmfn fwd+bwd/fwd", "torch fwd+bwd/fwd"):
+        assert any(wanted in line for line in lines), (wanted, lines)
+
+
+def test_compile_time_prints_its_ratios(capsys):
+    compile_time.main(compile_time.Args(model="tiny", steady=1))
+    lines = ratio_lines(capsys.readouterr().out)
+    assert any("unrolled/scan time to first step" in line for line in lines), lines
+    assert any("scan/unrolled steady" in line for line in lines), lines
+
+
+def test_gpu_script_runs_tiny_on_cpu(capsys):
+    gpu.main(gpu.Args(tiny=True))
+    lines = ratio_lines(capsys.readouterr().out)
+    assert any("train MFU (of the measured bf16 matmul rate)" in line for line in lines), lines
+    assert any("decode steps/s of the weight-read bound" in line for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "main, args",
+    [
+        (train_speed.main, train_speed.Args(sizes=("huge",))),
+        (train_speed.main, train_speed.Args(sizes=("tiny",), batch=0)),
+        (compile_time.main, compile_time.Args(model="gpt5")),
+        (compile_time.main, compile_time.Args(model="tiny", seq=33)),
+        (gpu.main, gpu.Args(batch=0)),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys, main, args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_interleaved_alternates_and_reports_medians():
+    calls = []
+    seconds = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert set(seconds) == {"a", "b"} and all(t >= 0 for t in seconds.values())
+

@@ -5,6 +5,7 @@ checkpoints of one run) and N for a list of token ids.
 """
 
 import functools
+import os
 import subprocess
 import sys
 import time
@@ -22,6 +23,17 @@ from .model import (
     Block, Norm, Params, _arange_positions, _check_call, check_params, compute_dtype, forward, forward_with_intermediates,
 )
 from .train import loss_fn
+
+CHECKOUT = Path(__file__).resolve().parents[1]  # where train.py and runs/ live
+SMOKE_FLAGS = (  # CI: a tiny model and a few steps, seconds of training
+    "--steps", "30", "--warmup", "5", "--corpus-bytes", "200000", "--vocab-size", "512", "--n-layers", "2",
+    "--d-model", "64", "--n-heads", "4", "--context", "64", "--batch-size", "16", "--eval-every", "1000",
+    "--eval-batches", "2", "--samples", "0",
+)
+SMALL_FLAGS = (  # no trained default run: a small model that learns the corpus in a few minutes
+    "--steps", "400", "--warmup", "40", "--corpus-bytes", "1000000", "--vocab-size", "512", "--n-layers", "4",
+    "--d-model", "128", "--n-heads", "4", "--context", "64", "--batch-size", "32", "--samples", "2",
+)
 
 
 def embed(params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Float[Array, "B T D"]:
@@ -201,8 +213,24 @@ def load_or_train(run_dir, *train_flags: str):
     """
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").iterdir()):
-        script = Path(__file__).resolve().parents[1] / "train.py"
+        script = CHECKOUT / "train.py"
         if not script.is_file():
             raise ValueError(f"{run_dir} holds no checkpoint and {script} is missing: train the run from a checkout of llmfn")
         subprocess.run([sys.executable, str(script), "--out-dir", str(run_dir), *train_flags], check=True)
     return load(run_dir)
+
+
+def notebook_run():
+    """The run the notebooks look at: (run_dir, cfg, params, tokenizer).
+
+    With LLMFN_SMOKE=1 (CI), a tiny run trained for a few steps in runs/notebooks-smoke;
+    otherwise runs/default once `python train.py` has trained it, else a small run trained
+    in place in runs/notebooks. Each is trained once and loaded afterwards.
+    """
+    if os.environ.get("LLMFN_SMOKE") == "1":
+        run_dir, flags = CHECKOUT / "runs" / "notebooks-smoke", SMOKE_FLAGS
+    elif (CHECKOUT / "runs" / "default" / "checkpoints").is_dir():
+        run_dir, flags = CHECKOUT / "runs" / "default", ()
+    else:
+        run_dir, flags = CHECKOUT / "runs" / "notebooks", SMALL_FLAGS
+    return (run_dir, *load_or_train(run_dir, *flags))

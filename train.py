@@ -223,6 +223,9 @@ class Run:
         check_args(args)
         sharding.initialize(args.coordinator, args.num_processes, args.process_id)
         self.args, self.mesh = args, sharding.make_mesh(args.mesh)
+        if self.mesh is not None and args.batch_size % self.mesh.size:
+            raise UserError(f"--batch-size {args.batch_size} does not split over the {self.mesh.size} devices of "
+                            f"--mesh {args.mesh}: use a multiple of {self.mesh.size}")
         self.train_tokens, self.val_tokens, self.tokenizer, self.bound = load_tokens(args)
         self.cfg = cfg = model_config(args, self.tokenizer.vocab_size)
         for name, split in (("training", self.train_tokens), ("validation", self.val_tokens)):
@@ -265,9 +268,9 @@ class Run:
         if self.main:
             tqdm.write(line)
 
-    def place(self, rows: np.ndarray) -> jax.Array:
-        """A global (B, T) batch, every process computing it whole and feeding its own rows."""
-        return sharding.make_global_batch(sharding.local_rows(rows, self.mesh), self.mesh)
+    def place(self, batch: np.ndarray) -> jax.Array:
+        """A (B, T) batch that every process computed whole, on this run's device(s)."""
+        return sharding.place_batch(batch, self.mesh)
 
     def batch(self, step: int):
         inputs, targets = data.get_batch(self.train_tokens, self.args.seed, step, self.args.batch_size, self.cfg.context)

@@ -136,6 +136,9 @@ def local_rows(batch: np.ndarray, mesh: Mesh | None) -> np.ndarray:
     """
     if mesh is None or jax.process_count() == 1:
         return batch
+    if batch.shape[0] % mesh.size:
+        raise ValueError(f"a batch of {batch.shape[0]} rows does not split over {mesh.size} devices: "
+                         "choose a batch size that is a multiple of the device count")
     index = batch_sharding(mesh).addressable_devices_indices_map(batch.shape)
     starts = sorted({rows.start or 0 for rows, *_ in index.values()})
     per_device = batch.shape[0] // mesh.size
@@ -156,6 +159,20 @@ def make_global_batch(rows: np.ndarray, mesh: Mesh | None) -> jax.Array:
             f"{mesh.size} devices: choose a batch size that is a multiple of the device count"
         )
     return jax.make_array_from_process_local_data(batch_sharding(mesh), rows)
+
+
+def place_batch(batch: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """A (B, ...) batch that every process holds whole, as one array on the mesh.
+
+    Split over every device (each process feeding its own rows) when B is a multiple of
+    the device count; otherwise, as for the short last validation batch, replicated on
+    every device, which computes the same numbers.
+    """
+    if mesh is None:
+        return jnp.asarray(batch)
+    if batch.shape[0] % mesh.size:
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), batch, batch.shape)
+    return make_global_batch(local_rows(batch, mesh), mesh)
 
 
 def barrier(name: str) -> None:

@@ -18,7 +18,8 @@ STEPS = 4
 FLAGS = [
     "--tokenizer", "byte", "--corpus-bytes", "20000", "--context", "32", "--n-layers", "2", "--d-model", "32",
     "--n-heads", "4", "--steps", str(STEPS), "--warmup", "1", "--batch-size", "8", "--accum", "2",
-    "--log-every", "1", "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2",
+    "--log-every", "1", "--eval-every", "2", "--eval-batches", "4",  # 31 windows: 8, 8, 8 and a short 7
+    "--ckpt-every", "2",
     "--mesh", "data=2,fsdp=2",
 ]
 

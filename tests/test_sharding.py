@@ -1,5 +1,9 @@
 """Sharded training on the 8 virtual CPU devices matches one device; checkpoints move between meshes."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -9,11 +13,15 @@ from llmfn import checkpoint
 from llmfn.config import Config
 from llmfn.model import init
 from llmfn.sharding import (
+    any_process,
+    barrier,
     batch_sharding,
+    gather,
     initialize,
     local_rows,
     make_global_batch,
     make_mesh,
+    place_batch,
     sharded_init,
     state_shardings,
     step_shardings,
@@ -126,11 +134,39 @@ def test_bad_mesh_specs_are_one_line_errors(spec, message):
     assert "\n" not in str(err.value)
 
 
-def test_one_device_means_no_mesh():
+def test_a_batch_that_does_not_split_is_replicated():
+    mesh = make_mesh("fsdp=8")
+    rows = np.arange(12 * 3, dtype=np.int32).reshape(12, 3)  # e.g. the short last validation batch
+    for n, replicated in ((16, False), (12, True)):
+        batch = place_batch(np.resize(rows, (n, 3)), mesh)
+        assert batch.sharding.is_fully_replicated == replicated and len(batch.sharding.device_set) == 8
+        np.testing.assert_array_equal(np.asarray(batch), np.resize(rows, (n, 3)))
+
+
+def test_one_device_and_one_process_pay_nothing():
     assert make_mesh("") is None
     rows = np.ones((3, 2), np.int32)
     assert local_rows(rows, None) is rows
     assert make_global_batch(rows, None).sharding.is_fully_replicated
+    assert place_batch(rows, None).sharding.is_fully_replicated
+    tree = {"a": rows}
+    barrier("nothing to wait for")
+    assert gather(tree) is tree and any_process(True) and not any_process(False)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mesh", "data=3"], "has 3 devices but there are 8"),
+    (["--mesh", "tp=8"], "unknown mesh axis 'tp'"),
+    (["--mesh", "fsdp=8", "--batch-size", "12"], "--batch-size 12 does not split over the 8 devices"),
+])
+def test_train_cli_refuses_a_mesh_it_cannot_use_in_one_line(tmp_path, capsys, flags, message):
+    if "train_cli" not in sys.modules:  # tyro reads the source of train.py's Args
+        spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).parents[1] / "train.py")
+        sys.modules["train_cli"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["train_cli"])
+    code = sys.modules["train_cli"].main(["--out-dir", str(tmp_path), "--tokenizer", "byte", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_initialize_without_arguments_or_launcher_is_a_no_op(monkeypatch):

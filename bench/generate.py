@@ -76,6 +76,7 @@ def main(args: Args) -> None:
     if args.quick:
         args = dataclasses.replace(args, new_tokens=16, repeats=2)
     torch.set_num_threads(cores())
+    transformers.logging.set_verbosity_error()  # its padding advice does not apply: no prompt is padded
     bandwidth = copy_bytes_per_s()
     print(f"{cores()} cores | jax {jax.__version__} ({jax.default_backend()}) | torch {torch.__version__} "
           f"| copy bandwidth {bandwidth / 1e9:.1f} GB/s | P={args.prompt_len} N={args.new_tokens}")

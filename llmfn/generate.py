@@ -20,7 +20,8 @@ Truncation (top-k, then top-p on what top-k leaves, then min-p, in transformers'
 sorts nothing: each threshold is found by bisection over the float32 bit patterns of the
 probabilities, which order like the probabilities themselves, so 30 masked reductions over
 V give the exact k-th largest probability and the exact nucleus boundary. Tokens tied with
-a boundary are all kept. Rows that ask for no truncation skip it (`lax.cond`).
+a boundary are all kept. Rows that ask for no truncation skip it (`lax.cond`). A token is
+then drawn by inverse CDF: one uniform per row against the running sum of what is kept.
 """
 
 import functools
@@ -51,10 +52,9 @@ def sampling_probs(
     Python numbers or (B,) arrays.
     """
     s = _settings(logits.shape[0], temperature, top_k, top_p, min_p)
-    scaled, keep = _truncate(logits, **s)
-    probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+    kept = _truncate(logits, **s)  # (B, V)
     greedy = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
-    return jnp.where(s["temperature"][:, None] > 0, probs, greedy)
+    return jnp.where(s["temperature"][:, None] > 0, kept / jnp.sum(kept, -1, keepdims=True), greedy)
 
 
 def sample(
@@ -66,13 +66,17 @@ def sample(
 
 
 def _sample(key, logits, s):
-    scaled, keep = _truncate(logits, **s)
-    drawn = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)  # (B,)
+    """Inverse CDF: one uniform per row against the running sum of the kept probabilities
+    (the Gumbel trick's V random numbers per row cost several times more on a CPU)."""
+    cdf = jnp.cumsum(_truncate(logits, **s), -1)  # (B, V)
+    total = cdf[:, -1:]
+    u = jnp.minimum(jax.random.uniform(key, total.shape) * total, jnp.nextafter(total, 0.0))  # < total
+    drawn = jnp.argmax(cdf > u, -1)  # the first token whose interval holds u; never a removed one
     return jnp.where(s["temperature"] > 0, drawn, jnp.argmax(logits, -1)).astype(jnp.int32)
 
 
 def _truncate(logits, temperature, top_k, top_p, min_p):
-    """Temperature-scaled logits (B, V) and the mask (B, V) of tokens truncation keeps."""
+    """softmax(logits / temperature) with the tokens truncation removes set to 0: (B, V)."""
     V = logits.shape[-1]
     sampled = temperature > 0  # (B,); greedy rows need no truncation
     scaled = logits / jnp.where(sampled, temperature, 1.0)[:, None]  # (B, V)
@@ -94,7 +98,7 @@ def _truncate(logits, temperature, top_k, top_p, min_p):
     keep &= jax.lax.cond(jnp.any(use_p), top_p_mask, lambda: keep) | ~use_p[:, None]
 
     keep &= probs >= (min_p * jnp.max(probs, -1))[:, None]
-    return scaled, keep
+    return jnp.where(keep, probs, 0.0)
 
 
 def _threshold(bits: Int[Array, "B V"], weight: Float[Array, "B V"], target: Float[Array, " B"]):

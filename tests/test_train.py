@@ -30,7 +30,8 @@ def test_cross_entropy_is_minus_log_softmax():
 
 
 def test_accumulated_micro_batches_equal_one_big_batch():
-    """Plain SGD with lr 1 turns the step into θ - g, so the gradients themselves are compared."""
+    """Plain SGD with lr 1 turns the step into θ - g, so the gradients themselves are compared;
+    the loss is checked against a float64 NumPy log-softmax."""
     opt = optax.sgd(1.0)
     params = llmfn.init(CFG, jax.random.key(0))
     inputs, targets = _batch(1)
@@ -39,22 +40,14 @@ def test_accumulated_micro_batches_equal_one_big_batch():
         state = train.init_state(jax.tree.map(jnp.copy, params), opt, jax.random.key(0))
         results[accum] = train.make_train_step(CFG, opt, accum)(state, inputs, targets)
     (one, m1), (four, m4) = results[1], results[4]
+    logits = np.asarray(llmfn.forward(params, inputs, CFG), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp, np.asarray(targets)[..., None], -1).mean()
+    np.testing.assert_allclose(m1["loss"], want, rtol=1e-5)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), one["params"], four["params"])
     assert int(four["step"]) == 1
-
-
-def test_loss_and_gradient_match_a_direct_computation():
-    opt = train.make_optimizer(1e-2, steps=10, warmup=2)
-    params = llmfn.init(CFG, jax.random.key(0))
-    inputs, targets = _batch(2)
-    logits = np.asarray(llmfn.forward(params, inputs, CFG), np.float64)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    want = -np.take_along_axis(logp, np.asarray(targets)[..., None], -1).mean()
-    state = train.init_state(params, opt, jax.random.key(0))
-    _, metrics = train.train_step(state, inputs, targets, CFG, opt, accum=2)
-    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
 
 
 def test_decay_mask_spares_norms_biases_and_embeddings():
@@ -114,7 +107,7 @@ def test_indivisible_accumulation_is_refused():
 
 def test_evaluate_counts_nats_tokens_and_bytes():
     params = llmfn.init(CFG, jax.random.key(3))
-    batches = [_batch(4, B=2), _batch(5, B=3)]
+    batches = [_batch(4, B=2), _batch(5, B=2)]
     token_bytes = np.arange(CFG.vocab_size) % 3 + 1  # ids stand for 1, 2 or 3 bytes
     got = train.evaluate(params, batches, CFG, token_bytes)
     nll = np.concatenate([np.asarray(train.cross_entropy(llmfn.forward(params, i, CFG), t)).ravel() for i, t in batches])

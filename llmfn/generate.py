@@ -3,7 +3,8 @@
 prefill  one forward over the prompts writes their keys and values into an explicit KV
          cache and gives the logits of each row's first new token;
 decode   `lax.scan` over the remaining new positions, each step one forward of one token
-         per row against that cache.
+         per row against that cache, run over per-layer weight and cache buffers
+         (`_forward_one` says why).
 
 The sampling settings are per-row arrays (B,), traced, so one compiled program serves
 every temperature, top-k, top-p and min-p, and `jax.vmap` over keys or settings works.

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 
 from .config import Config
 from .model import Params, param_shapes
+from .tokenizer import load_tokenizer
 
 CONFIG_FILE = "config.json"
 
@@ -95,8 +96,6 @@ def load(run_dir, sharding: jax.sharding.Sharding | None = None):
     Params are placed with `sharding` (default: the first local device), whatever
     device count the checkpoint was saved from.
     """
-    from .tokenizer import load_tokenizer
-
     cfg = read_config(run_dir)
     mngr = ocp.CheckpointManager(Path(run_dir, "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
     step = mngr.latest_step()

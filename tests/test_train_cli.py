@@ -113,6 +113,21 @@ def test_the_process_exits_2_without_traceback(tmp_path):
     assert result.stderr.count("\n") == 1 and "nothing.txt" in result.stderr
 
 
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, TINY), "--out-dir", str(run),
+                             "--steps", "100000", "--log-every", "2", "--ckpt-every", "100000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "resume" in err, err
+    assert checkpoint.manager(run).latest_step() >= 2
+
+
 def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, capsys):
     flags = TINY + ["--steps", 40, "--ckpt-every", 5, "--eval-every", 1000, "--samples", 0, "--keep", 50]
     reference, killed = tmp_path / "reference", tmp_path / "killed"

@@ -39,11 +39,18 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     Calls it when any argument is given or a cluster launcher's environment is detected
     (Slurm, Open MPI, JAX_COORDINATOR_ADDRESS, multi-host TPU); JAX fills in what is
     missing from that environment. Must run before any other JAX call in the process.
+    Raises ValueError when what is given and detected does not define the run.
     """
     given = (coordinator, num_processes, process_id)
     if jax.distributed.is_initialized() or (given == (None, None, None) and not _launched_by_cluster()):
         return
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except ValueError as error:
+        raise ValueError(
+            f"cannot join a multi-process run ({error}): give the coordinator (host:port of process 0), "
+            "the number of processes and this process's id, or start under a launcher that sets them"
+        ) from None
 
 
 def make_mesh(spec: str, devices=None) -> Mesh | None:

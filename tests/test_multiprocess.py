@@ -1,5 +1,8 @@
-"""train.py as two processes on localhost (JAX's CPU collectives, 2 devices each) trains
-exactly like train.py as one process on 4 devices: same losses, same θ, one log."""
+"""train.py over several processes (`jax.distributed`, JAX's gloo CPU collectives on localhost).
+
+Two processes with 2 devices each train exactly like one process with 4: same losses,
+same validation, same θ, one log; a half-given cluster is a one-line error.
+"""
 
 import json
 import os
@@ -72,3 +75,11 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     (_, got_params, _), (_, want_params, _) = (checkpoint.load(d, device) for d in (two, one))
     for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_a_process_id_without_a_coordinator_is_one_line_and_exit_code_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS")}
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out-dir", str(tmp_path), "--process-id", "1"],
+                          cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("train.py: cannot join a multi-process run") and "coordinator" in done.stderr

@@ -69,7 +69,8 @@ def measure(hf, cfg, params, batch: int, sampled: bool, args: Args) -> dict:
     ours()
     first = time.perf_counter() - start
     t = interleaved({"llmfn": ours, "transformers": theirs}, repeats=args.repeats)
-    return {"llmfn": t["llmfn"], "transformers": t["transformers"], "compile": first - t["llmfn"]}
+    # A setting that reuses a compiled program (same shapes) shows ~0: settings are traced.
+    return {"llmfn": t["llmfn"], "transformers": t["transformers"], "compile": max(first - t["llmfn"], 0.0)}
 
 
 def main(args: Args) -> None:

@@ -37,9 +37,8 @@ import tyro
 from tqdm import tqdm
 
 import llmfn
-from llmfn import checkpoint, corpus, data, metrics, sharding
+from llmfn import checkpoint, corpus, data, metrics, samples, sharding
 from llmfn import train as fit
-from llmfn.generate import generate
 from llmfn.tokenizer import load_tokenizer, make_tokenizer
 
 Preset = Literal[tuple(llmfn.presets)]
@@ -181,21 +180,6 @@ class Signals:
             signal.signal(signum, handler)
 
 
-def sample_texts(params, cfg: llmfn.Config, tokenizer, prompts: list[str], temperature: float, seed: int) -> list[str]:
-    """Continues each prompt (greedy at temperature 0) and returns the new text of each."""
-    ids = [tokenizer.encode(p) for p in prompts]
-    P = max(len(i) for i in ids)
-    padded = np.zeros((len(ids), P), np.int32)
-    for row, i in enumerate(ids):
-        padded[row, : len(i)] = i
-    lengths = np.array([len(i) for i in ids], np.int32)
-    new = min(48, cfg.context - P)
-    tokens, valid = generate(params, padded, jax.random.key(seed), cfg, new, temperature=temperature,
-                             prompt_lengths=lengths)
-    tokens, valid = np.asarray(tokens), np.asarray(valid)
-    return [tokenizer.decode(tokens[row, lengths[row]:][valid[row, lengths[row]:]]) for row in range(len(ids))]
-
-
 def print_samples(params, cfg, tokenizer, val_tokens, on_corpus: bool, n: int, seed: int) -> None:
     """Prints n samples: on the built-in corpus, greedy fact completions then free sentences."""
     if n == 0:
@@ -211,7 +195,7 @@ def print_samples(params, cfg, tokenizer, val_tokens, on_corpus: bool, n: int, s
     print("samples:")
     for temperature in sorted(set(temperatures)):
         rows = [p for p, t in zip(prompts, temperatures) if t == temperature]
-        for prompt, text in zip(rows, sample_texts(params, cfg, tokenizer, rows, temperature, seed)):
+        for prompt, text in zip(rows, samples.complete(params, cfg, tokenizer, rows, 48, temperature, seed)):
             shown = text.split("\n")[0] if on_corpus and temperature == 0 else text
             print(f"  {prompt.strip() or '⏎'!r} → {shown!r}")
 
@@ -344,9 +328,13 @@ class Run:
         """Final checkpoint, evaluation, loss curve, samples and metrics."""
         self.save()
         result = self.evaluate()
-        params = sharding.gather(self.state["params"]) if self.args.samples else None  # collective
+        wanted = self.args.samples > 0 or self.bound is not None
+        params = sharding.gather(self.state["params"]) if wanted else None  # collective
         if not self.main:
             return
+        if self.bound is not None:
+            result["fact_recall"], _ = samples.fact_recall(params, self.cfg, self.tokenizer)
+            self.log.write(self.step, fact_recall=result["fact_recall"])
         self.log.close()
         metrics.plot_losses(self.args.out_dir, self.bound)
         print_samples(params, self.cfg, self.tokenizer, self.val_tokens, self.bound is not None,

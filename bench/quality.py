@@ -19,16 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import llmfn  # noqa: E402
-from llmfn import checkpoint, corpus, data  # noqa: E402
+from llmfn import checkpoint, corpus, data, samples  # noqa: E402
 from llmfn import train as fit  # noqa: E402
-from llmfn.generate import generate  # noqa: E402
 
 
 def train(out_dir: Path, flags: list[str]) -> tuple[float, float]:
@@ -49,27 +45,6 @@ def validation_bpb(out_dir: Path, cfg, params, tokenizer) -> float:
     return fit.evaluate(params, batches, cfg, tokenizer.byte_lengths())["val_bpb"]
 
 
-def fact_recall(cfg, params, tokenizer) -> tuple[int, list[str]]:
-    """(number of countries whose capital greedy decoding gets right, the wrong completions)."""
-    countries = list(corpus.FACTS)
-    ids = [tokenizer.encode("\n" + corpus.fact_prompt(c)) for c in countries]
-    P = max(len(i) for i in ids)
-    prompts = np.zeros((len(ids), P), np.int32)
-    for row, i in enumerate(ids):
-        prompts[row, : len(i)] = i
-    lengths = np.array([len(i) for i in ids], np.int32)
-    tokens, valid = generate(params, prompts, jax.random.key(0), cfg, 12, temperature=0.0, prompt_lengths=lengths)
-    tokens, valid = np.asarray(tokens), np.asarray(valid)
-    right, wrong = 0, []
-    for row, country in enumerate(countries):
-        text = tokenizer.decode(tokens[row, lengths[row]:][valid[row, lengths[row]:]])
-        if text.startswith(f" {corpus.FACTS[country]}.\n"):
-            right += 1
-        else:
-            wrong.append(f"{country}: {text.split(chr(10))[0]!r}")
-    return right, wrong
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "quality")
@@ -81,16 +56,15 @@ def main() -> None:
         wall, cpu = train(args.out_dir, args.flags)
     cfg, params, tokenizer = checkpoint.load(args.out_dir)
     bpb, bound = validation_bpb(args.out_dir, cfg, params, tokenizer), corpus.entropy_rate_bpb()
-    right, wrong = fact_recall(cfg, params, tokenizer)
-    n = len(corpus.FACTS)
+    recall, wrong = samples.fact_recall(params, cfg, tokenizer)
     print(f"model: {llmfn.param_count(cfg):,} params, {cfg.n_layers} layers, width {cfg.d_model}, "
           f"context {cfg.context}, {tokenizer.kind} tokenizer V={cfg.vocab_size}")
     print(f"training: {wall:.0f} s wall, {cpu:.0f} CPU s (≈ {cpu / 2:.0f} s on 2 idle cores)")
     print(f"validation bits/byte {bpb:.4f} vs entropy rate {bound:.4f}: {100 * (bpb / bound - 1):+.2f}% "
           f"({'PASS' if bpb <= 1.05 * bound else 'FAIL'}: bar +5%)")
-    print(f"fact recall {right}/{n} = {100 * right / n:.0f}% ({'PASS' if right >= 0.9 * n else 'FAIL'}: bar 90%)")
-    for line in wrong:
-        print(f"  wrong: {line}")
+    print(f"fact recall {100 * recall:.1f}% of {len(corpus.FACTS)} ({'PASS' if recall >= 0.9 else 'FAIL'}: bar 90%)")
+    for country, text in wrong.items():
+        print(f"  wrong: {country}: {text!r}")
 
 
 if __name__ == "__main__":

@@ -57,21 +57,21 @@ class Args:
 
     preset: Preset = "small"  # model preset; the fields below override it (None = keep)
     context: int | None = None  # T: tokens per training window
-    n_layers: int | None = None
-    d_model: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    d_ff: int | None = None
-    norm: Literal["layernorm", "rmsnorm"] | None = None
-    mlp: Literal["gelu", "swiglu", "relu"] | None = None
-    positions: Literal["learned", "rope"] | None = None
+    n_layers: int | None = None  # L: transformer layers
+    d_model: int | None = None  # D: width of the residual stream
+    n_heads: int | None = None  # H: attention heads (D must divide by H)
+    n_kv_heads: int | None = None  # G: key/value heads (grouped-query attention)
+    d_ff: int | None = None  # F: MLP hidden width
+    norm: Literal["layernorm", "rmsnorm"] | None = None  # LayerNorm (GPT-2) or RMSNorm (Llama)
+    mlp: Literal["gelu", "swiglu", "relu"] | None = None  # MLP nonlinearity
+    positions: Literal["learned", "rope"] | None = None  # learned table (GPT-2) or rotary (Llama)
     dtype: Literal["float32", "bfloat16"] | None = None  # bfloat16: bf16 matmuls, f32 params
 
-    steps: int = 600  # optimizer updates
+    steps: int = 400  # optimizer updates
     batch_size: int = 32  # B: rows per update (global, over all devices)
     accum: int = 1  # micro-batches per update (gradient accumulation), must divide batch_size
     lr: float = 3e-3  # peak learning rate
-    warmup: int = 60  # linear warm-up steps, then cosine decay to lr / 10
+    warmup: int = 40  # linear warm-up steps, then cosine decay to lr / 10
     weight_decay: float = 0.1  # AdamW decay of projection kernels (not norms, biases, embeddings)
     clip: float = 1.0  # global gradient-norm clip
     seed: int = 0  # seeds θ and the batch order

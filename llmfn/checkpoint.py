@@ -97,7 +97,7 @@ def load(run_dir, sharding: jax.sharding.Sharding | None = None):
     device count the checkpoint was saved from.
     """
     cfg = read_config(run_dir)
-    mngr = ocp.CheckpointManager(Path(run_dir, "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+    mngr = ocp.CheckpointManager(Path(run_dir, "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(create=False))
     step = mngr.latest_step()
     if step is None:
         raise ValueError(f"{run_dir} holds no checkpoint yet: train it with `python train.py --out-dir {run_dir}`")

@@ -63,8 +63,9 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     assert codes == [0, 0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
 
     got, want = records(two), records(one)
-    assert [r["step"] for r in got] == [1, 2, 2, 3, 4, 4]  # one log, written by process 0 alone
-    assert want[-1]["val_loss"] < want[0]["loss"]
+    assert [r["step"] for r in got] == [r["step"] for r in want]  # one log, written by process 0 alone
+    assert [r["step"] for r in got if "loss" in r] == [1, 2, 3, 4]
+    assert [r["val_loss"] for r in want if "val_loss" in r][-1] < want[0]["loss"]  # it learns
     for key in ("loss", "grad_norm", "val_loss", "val_bpb"):
         np.testing.assert_allclose([r[key] for r in got if key in r], [r[key] for r in want if key in r], rtol=2e-5)
     printed = [log.read_text() for log in logs]

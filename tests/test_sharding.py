@@ -45,8 +45,8 @@ def batches():
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
-def train(mesh, steps=STEPS, accum=1):
-    """Losses and final state of `steps` updates on one device (mesh None) or on `mesh`."""
+def train(mesh, accum=1):
+    """Losses and final state of STEPS updates on one device (mesh None) or on `mesh`."""
     if mesh is None:
         state, step = jax.jit(fresh_state)(0), make_train_step(CFG, OPT, accum)
     else:
@@ -54,7 +54,7 @@ def train(mesh, steps=STEPS, accum=1):
         ins, outs = step_shardings(shardings, mesh)
         step = make_train_step(CFG, OPT, accum, in_shardings=ins, out_shardings=outs)
     losses = []
-    for inputs, targets in batches()[:steps]:
+    for inputs, targets in batches():
         state, metrics = step(state, make_global_batch(inputs, mesh), make_global_batch(targets, mesh))
         losses.append(float(metrics["loss"]))
     return np.array(losses), state

@@ -14,12 +14,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llmfn import checkpoint
+from llmfn import checkpoint, corpus
 
 ROOT = Path(__file__).parents[1]
 STEPS = 4
 FLAGS = [
-    "--tokenizer", "byte", "--corpus-bytes", "20000", "--context", "32", "--n-layers", "2", "--d-model", "32",
+    "--tokenizer", "byte", "--context", "32", "--n-layers", "2", "--d-model", "32",
     "--n-heads", "4", "--steps", str(STEPS), "--warmup", "1", "--batch-size", "8", "--accum", "2",
     "--log-every", "1", "--eval-every", "2", "--eval-batches", "4",  # 31 windows: 8, 8, 8 and a short 7
     "--ckpt-every", "2",
@@ -47,12 +47,14 @@ def records(run_dir: Path) -> list[dict]:
 
 def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    cluster = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--samples", "1"]
+    text = tmp_path / "text.txt"  # the built-in corpus as a plain file: no fact-recall pass at the end
+    text.write_text(corpus.generate(20_000))
+    cluster = ["--data", str(text), "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--samples", "1"]
     logs = [tmp_path / f"{name}.log" for name in ("p0", "p1", "single")]
     procs = [
         start(two, 2, [*cluster, "--process-id", "0"], logs[0]),
         start(two, 2, [*cluster, "--process-id", "1"], logs[1]),
-        start(one, 4, ["--samples", "0"], logs[2]),  # the reference's samples are not compared
+        start(one, 4, ["--data", str(text), "--samples", "0"], logs[2]),  # its samples are not compared
     ]
     try:
         codes = [p.wait(timeout=400) for p in procs]

@@ -3,8 +3,8 @@
 prefill  one forward over the prompts writes their keys and values into an explicit KV
          cache and gives the logits of each row's first new token;
 decode   `lax.scan` over the remaining new positions, each step one forward of one token
-         per row against that cache, run over per-layer weight and cache buffers
-         (`_forward_one` says why).
+         per row against that cache. Both run the layers over per-layer weight and
+         cache buffers (`_forward` says why).
 
 The sampling settings are per-row arrays (B,), traced, so one compiled program serves
 every temperature, top-k, top-p and min-p, and `jax.vmap` over keys or settings works.
@@ -34,7 +34,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .config import Config
-from .model import Block, Norm, Params, check_tokens, compute_dtype, forward_cached, init_cache
+from .model import Block, Norm, Params, check_params, check_tokens, compute_dtype
 
 PAD = 0  # the token id written where a row has nothing (see `valid`)
 _BISECTION_STEPS = 30  # float32 bit patterns of probabilities in [0, 1] span < 2**30 values
@@ -157,21 +157,22 @@ def _pick(key, step, logits, settings, stops, done):
     return token, valid, done | jnp.isin(token, stops)
 
 
-def _prefill(params, prompts, lengths, key, settings, stops, cfg: Config, cache_len: int):
+def _prefill(layered, prompts, lengths, key, settings, stops, cfg: Config, cache_len: int):
     """Prompts (B, P) → (decode state, first new token (B,)), cache of `cache_len` positions."""
     B = prompts.shape[0]
-    logits, cache = forward_cached(params, prompts, init_cache(cfg, B, cache_len), cfg)  # (B, P, V)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
-    # Padding keys past n_b are masked, then overwritten; decode keeps one buffer per layer.
-    cache = {"k": _per_layer(cache["k"], cfg), "v": _per_layer(cache["v"], cfg), "pos": lengths}
-    token, _, done = _pick(key, 0, last, settings, stops, jnp.zeros((B,), bool))
+    empty = jnp.zeros((B, cache_len, cfg.kv_heads, cfg.head_dim), compute_dtype(cfg))  # (B, S, G, K)
+    cache = {"k": (empty,) * cfg.n_layers, "v": (empty,) * cfg.n_layers, "pos": jnp.zeros((B,), jnp.int32)}
+    logits, cache = _forward(layered, prompts, cache, lengths - 1, cfg)  # (B, V) at each row's last
+    cache = {**cache, "pos": lengths}  # padding keys past n_b are masked, then overwritten
+    token, _, done = _pick(key, 0, logits, settings, stops, jnp.zeros((B,), bool))
     return {"cache": cache, "last": token, "done": done, "step": jnp.ones((), jnp.int32)}, token
 
 
 def _decode(layered, state, key, settings, stops, cfg: Config, steps: int):
-    """`steps` decode steps with θ from `_layered`: → (state, tokens (B, steps), valid (B, steps))."""
+    """`steps` decode steps: → (state, tokens (B, steps), valid (B, steps))."""
     def step(state, _):
-        logits, cache = _forward_one(layered, state["last"], state["cache"], cfg)  # (B, V)
+        last = jnp.zeros_like(state["last"])
+        logits, cache = _forward(layered, state["last"][:, None], state["cache"], last, cfg)  # (B, V)
         token, valid, done = _pick(key, state["step"], logits, settings, stops, state["done"])
         return {"cache": cache, "last": token, "done": done, "step": state["step"] + 1}, (token, valid)
 
@@ -179,39 +180,37 @@ def _decode(layered, state, key, settings, stops, cfg: Config, steps: int):
     return state, tokens.T, valid.T
 
 
-def _per_layer(stacked, cfg: Config) -> tuple:
-    """A pytree with a leading L axis → a tuple of L pytrees, each its own buffer."""
-    return tuple(jax.tree.map(lambda x: x[l], stacked) for l in range(cfg.n_layers))
-
-
 def _layered(params: Params, cfg: Config) -> Params:
-    """θ with params["layers"] split into a tuple of per-layer dicts, for `_forward_one`."""
-    return {**params, "layers": _per_layer(params["layers"], cfg)}
+    """θ with params["layers"] split into a tuple of L per-layer dicts, each its own buffer."""
+    return {**params, "layers": tuple(jax.tree.map(lambda x: x[l], params["layers"]) for l in range(cfg.n_layers))}
 
 
-def _forward_one(layered, tokens, cache, cfg: Config):
-    """forward_cached on one token per row (B,): → (logits (B, V), cache), over per-layer buffers.
+def _forward(layered, tokens, cache, last, cfg: Config):
+    """forward_cached over per-layer buffers, logits only where asked: → (logits (B, V), cache).
 
-    The same modules and arithmetic as model.Transformer, but the layers run as a Python
-    loop over separate weight and cache buffers: XLA on CPU copies a slice of a stacked
-    (L, ...) weight before each matmul (three memory passes per weight per token instead
-    of one), and the stacked cache would be rewritten whole at every step.
+    tokens (B, T) at positions cache["pos"] + 0..T-1; `last` (B,) picks the position
+    (0..T-1) of each row whose logits are returned. The same modules and arithmetic as
+    model.Transformer, but the layers run as a Python loop over separate weight and cache
+    buffers (`_layered`, then copied once per call): XLA on CPU copies a slice of a
+    stacked (L, ...) weight before each matmul (three memory passes per weight per token
+    instead of one), and a scanned cache would be rewritten whole at every step.
     """
-    S = cache["k"][0].shape[1]
-    positions = cache["pos"][:, None]  # (B, 1)
-    mask = (jnp.arange(S) <= positions[..., None])[:, None]  # (B, 1, 1, S)
-    x = jnp.take(layered["embed"], tokens[:, None], axis=0)  # (B, 1, D)
+    T, S = tokens.shape[1], cache["k"][0].shape[1]
+    positions = cache["pos"][:, None] + jnp.arange(T, dtype=jnp.int32)  # (B, T)
+    mask = (jnp.arange(S) <= positions[..., None])[:, None]  # (B, 1, T, S)
+    x = jnp.take(layered["embed"], tokens, axis=0)  # (B, T, D)
     if cfg.positions == "learned":
         x = x + jnp.take(layered["pos_embed"], positions, axis=0)
     ks, vs = [], []
     for layer, k, v in zip(layered["layers"], cache["k"], cache["v"]):
         x, ((k, v), _, _) = Block(cfg).apply({"params": layer}, x, positions, mask, cache["pos"], (k, v))
         ks, vs = ks + [k], vs + [v]  # (B, S, G, K) each
+    x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # (B, 1, D)
     h = Norm(cfg).apply({"params": layered["final_norm"]}, x)
     head = layered["embed"].T if cfg.tie_embeddings else layered["head"]  # (D, V)
     dt = compute_dtype(cfg)
     logits = jnp.einsum("BTD,DV->BTV", h.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
-    return logits[:, 0], {"k": tuple(ks), "v": tuple(vs), "pos": cache["pos"] + 1}
+    return logits[:, 0], {"k": tuple(ks), "v": tuple(vs), "pos": cache["pos"] + T}
 
 
 def _place(prompts, lengths, new, new_valid):
@@ -229,8 +228,9 @@ def _place(prompts, lengths, new, new_valid):
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def _generate(params, prompts, lengths, key, settings, stops, cfg: Config, max_new_tokens: int):
     P = prompts.shape[1]
-    state, first = _prefill(params, prompts, lengths, key, settings, stops, cfg, P + max_new_tokens)
-    _, rest, rest_valid = _decode(_layered(params, cfg), state, key, settings, stops, cfg, max_new_tokens - 1)
+    layered = _layered(params, cfg)
+    state, first = _prefill(layered, prompts, lengths, key, settings, stops, cfg, P + max_new_tokens)
+    _, rest, rest_valid = _decode(layered, state, key, settings, stops, cfg, max_new_tokens - 1)
     new = jnp.concatenate([first[:, None], rest], 1)  # (B, N)
     new_valid = jnp.concatenate([jnp.ones_like(first, bool)[:, None], rest_valid], 1)
     return _place(prompts, lengths, new, new_valid)
@@ -297,9 +297,10 @@ def generate_chunks(
         params, prompts, cfg, max_new_tokens, prompt_lengths, stop_tokens, (temperature, top_k, top_p, min_p)
     )
     cache_len = prompts.shape[1] + max_new_tokens
-    state, first = _prefill_jit(params, prompts, lengths, key, settings, stops, cfg, cache_len)
+    layered = _layered_jit(params, cfg)
+    state, first = _prefill_jit(layered, prompts, lengths, key, settings, stops, cfg, cache_len)
     yield first[:, None], jnp.ones((prompts.shape[0], 1), bool)
-    layered, left = _layered_jit(params, cfg), max_new_tokens - 1
+    left = max_new_tokens - 1
     while left > 0 and not bool(jnp.all(state["done"])):
         steps = min(chunk, left)
         state, tokens, valid = _decode_jit(layered, state, key, settings, stops, cfg, steps)
@@ -310,6 +311,7 @@ def generate_chunks(
 def _check_inputs(params, prompts, cfg, max_new_tokens, prompt_lengths, stop_tokens, sampling):
     if not isinstance(cfg, Config):
         raise TypeError(f"cfg must be an llmfn.Config, got {type(cfg).__name__}")
+    check_params(params, cfg)
     prompts = jnp.asarray(prompts)
     if prompts.ndim != 2 or 0 in prompts.shape:
         raise ValueError(f"prompts must have shape (B, P) with B, P >= 1, got shape {prompts.shape}: add a batch axis with prompts[None]")

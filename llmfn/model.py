@@ -184,8 +184,11 @@ class Transformer(nn.Module):
         if cfg.positions == "learned":
             x = x + jnp.take(self.param("pos_embed", init, (cfg.context, cfg.d_model)), positions, axis=0)
         cache_kv, start = (None, None) if cache is None else ((cache["k"], cache["v"]), cache["pos"])
+        # Save only matmul outputs for the backward pass and recompute the elementwise rest
+        # (softmax, GELU, norms): fewer (L, ...) activation buffers to fill and read back.
+        block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
         layers = nn.scan(
-            Block,
+            block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),

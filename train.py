@@ -243,6 +243,7 @@ class Run:
         self.saved_step = self.step if restored is not None else None
         self.log = metrics.MetricsLog(args.out_dir, args.tensorboard) if self.main else None
         self.token_bytes = self.tokenizer.byte_lengths()
+        self.last_loss = None  # training loss of the latest log line
 
     @property
     def step(self) -> int:
@@ -265,9 +266,13 @@ class Run:
         result = fit.evaluate(self.state["params"], batches, self.cfg, self.token_bytes, self.place)
         if self.bound is not None:
             result |= {"bound_bpb": self.bound, "gap": result["val_bpb"] / self.bound - 1}
-        if self.log is not None:
-            self.log.write(self.step, **result)
+        self.record(self.step, **result)
         return result
+
+    def record(self, step: int, **values: float) -> None:
+        """One metrics.jsonl record (process 0 only); each carries the latest training loss."""
+        if self.log is not None:
+            self.log.write(step, **({} if self.last_loss is None else {"loss": self.last_loss}), **values)
 
     def save(self) -> None:
         if self.saved_step != self.step:
@@ -304,8 +309,8 @@ class Run:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / seconds:,.0f}")
                 self.say(f"step {step + 1}: loss {loss:.4f}, {seconds * 1e3:.0f} ms/step, "
                          f"{tokens_per_step / seconds:,.0f} tok/s, lr {lr:.2e}")
-                if self.log is not None:
-                    self.log.write(step + 1, loss=loss, grad_norm=grad_norm, lr=lr, ms_per_step=seconds * 1e3,
+                self.last_loss = loss
+                self.record(step + 1, grad_norm=grad_norm, lr=lr, ms_per_step=seconds * 1e3,
                                    tokens_per_s=tokens_per_step / seconds)
                 clock, clock_step = time.perf_counter(), step + 1
             if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
@@ -334,7 +339,7 @@ class Run:
             return
         if self.bound is not None:
             result["fact_recall"], _ = samples.fact_recall(params, self.cfg, self.tokenizer)
-            self.log.write(self.step, fact_recall=result["fact_recall"])
+            self.record(self.step, fact_recall=result["fact_recall"])
         self.log.close()
         metrics.plot_losses(self.args.out_dir, self.bound)
         print_samples(params, self.cfg, self.tokenizer, self.val_tokens, self.bound is not None,

@@ -62,7 +62,7 @@ def plot_losses(run_dir, bound_bpb: float | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if "grad_norm" in r]  # the log records
     val = [(r["step"], r["val_loss"], r["val_bpb"]) for r in records if "val_loss" in r]
     panels = 2 if bound_bpb is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)

@@ -191,7 +191,7 @@ def _forward(layered, tokens, cache, last, cfg: Config):
     tokens (B, T) at positions cache["pos"] + 0..T-1; `last` (B,) picks the position
     (0..T-1) of each row whose logits are returned. The same modules and arithmetic as
     model.Transformer, but the layers run as a Python loop over separate weight and cache
-    buffers (`_layered`, then copied once per call): XLA on CPU copies a slice of a
+    buffers (weights split once per call by `_layered`): XLA on CPU copies a slice of a
     stacked (L, ...) weight before each matmul (three memory passes per weight per token
     instead of one), and a scanned cache would be rewritten whole at every step.
     """

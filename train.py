@@ -279,6 +279,13 @@ class Run:
             checkpoint.save(self.mngr, self.state)
             self.saved_step = self.step
 
+    def log_line(self, step: int, loss: float, grad_norm: float, seconds: float, tokens: int) -> None:
+        """The nanoGPT-style line after `step` updates, and its metrics.jsonl record."""
+        lr = float(self.schedule(step - 1))
+        self.say(f"step {step}: loss {loss:.4f}, {seconds * 1e3:.0f} ms/step, {tokens / seconds:,.0f} tok/s, lr {lr:.2e}")
+        self.last_loss = loss
+        self.record(step, grad_norm=grad_norm, lr=lr, ms_per_step=seconds * 1e3, tokens_per_s=tokens / seconds)
+
     def train(self) -> int:
         """Steps until --steps, a signal, or a non-finite loss; returns the exit code."""
         signals = Signals()
@@ -305,13 +312,8 @@ class Run:
             bar.update(1)
             if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
                 seconds = (time.perf_counter() - clock) / (step + 1 - clock_step)
-                lr = float(self.schedule(step))
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / seconds:,.0f}")
-                self.say(f"step {step + 1}: loss {loss:.4f}, {seconds * 1e3:.0f} ms/step, "
-                         f"{tokens_per_step / seconds:,.0f} tok/s, lr {lr:.2e}")
-                self.last_loss = loss
-                self.record(step + 1, grad_norm=grad_norm, lr=lr, ms_per_step=seconds * 1e3,
-                                   tokens_per_s=tokens_per_step / seconds)
+                self.log_line(step + 1, loss, grad_norm, seconds, tokens_per_step)
                 clock, clock_step = time.perf_counter(), step + 1
             if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
                 result = self.evaluate()

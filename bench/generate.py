@@ -26,6 +26,7 @@ import tyro
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench.common import copy_bytes_per_s, cores, interleaved  # noqa: E402
+from llmfn.config import presets  # noqa: E402
 from llmfn.generate import generate  # noqa: E402
 from llmfn.hf import from_hf  # noqa: E402
 
@@ -41,10 +42,12 @@ class Args:
 
 def hf_model(preset: str):
     """A transformers GPT-2 with random weights in the shape of an llmfn preset."""
-    cfg = {"small": dict(vocab_size=256, n_positions=256, n_embd=256, n_layer=4, n_head=4),
-           "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)}[preset]
+    cfg = presets[preset]
     torch.manual_seed(0)
-    config = transformers.GPT2Config(**cfg, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.context, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+        n_head=cfg.n_heads, n_inner=cfg.d_ff, eos_token_id=None, bos_token_id=None, pad_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(config).eval()
 
 
@@ -92,6 +95,8 @@ def main(args: Args) -> None:
     for preset in args.models:
         hf = hf_model(preset)
         cfg, params = from_hf(hf)
+        if cfg.replace(scan_layers=True) != presets[preset].replace(scan_layers=True):
+            raise SystemExit(f"bench/generate.py: preset {preset!r} is not a GPT-2 layout transformers can mirror")
         # Bytes one decode step reads: every float32 parameter (the tied head once), but only
         # one row of the position table.
         param_bytes = 4 * (sum(x.size for x in jax.tree.leaves(params)) - params["pos_embed"].size + cfg.d_model)

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +19,7 @@ from jaxtyping import Array, Float, Int
 from .checkpoint import load
 from .config import Config
 from .model import (
-    Block, Norm, Params, _arange_positions, _check_call, check_params, compute_dtype, forward, forward_with_intermediates,
+    Params, Transformer, _arange_positions, _check_call, check_params, forward, forward_with_intermediates,
 )
 from .train import loss_fn
 
@@ -48,31 +47,6 @@ def embed(params: Params, tokens: Int[Array, "B T"], cfg: Config) -> Float[Array
     return x
 
 
-class _FromEmbeddings(nn.Module):
-    """The transformer after its embedding lookup: x (B, T, D) → logits (B, T, V), same θ layout."""
-
-    cfg: Config
-
-    @nn.compact
-    def __call__(self, x, positions):
-        cfg, dt = self.cfg, compute_dtype(self.cfg)
-        init = nn.initializers.normal(cfg.init_std)
-        layers = nn.scan(
-            Block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
-            length=cfg.n_layers,
-        )(cfg, False, name="layers")
-        h, _ = layers(x, positions, None, None, None)  # causal mask, no cache
-        h = Norm(cfg, name="final_norm")(h)
-        if cfg.tie_embeddings:
-            head = self.param("embed", init, (cfg.vocab_size, cfg.d_model)).T
-        else:
-            head = self.param("head", init, (cfg.d_model, cfg.vocab_size))
-        return jnp.einsum("BTD,DV->BTV", h.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
-
-
 @functools.partial(jax.jit, static_argnames="cfg")
 def forward_from_embeddings(params: Params, x: Float[Array, "B T D"], cfg: Config) -> Float[Array, "B T V"]:
     """f_θ from its input embeddings: logits (B, T, V) for x (B, T, D) as `embed` makes them.
@@ -85,7 +59,8 @@ def forward_from_embeddings(params: Params, x: Float[Array, "B T D"], cfg: Confi
         raise ValueError(f"sequence of {x.shape[1]} positions is longer than the context ({cfg.context}): truncate it")
     check_params(params, cfg)
     positions = _arange_positions(x[..., 0])  # (B, T)
-    return _FromEmbeddings(cfg).apply({"params": params}, x, positions)
+    logits, _, _ = Transformer(cfg).apply({"params": params}, None, positions, None, None, embeddings=x)
+    return logits
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

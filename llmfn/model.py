@@ -176,13 +176,16 @@ class Transformer(nn.Module):
     with_intermediates: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions, mask, cache):
+    def __call__(self, tokens, positions, mask, cache, embeddings=None):
+        """`embeddings` (B, T, D), when given, replace the lookup of `tokens` (and positions)."""
         cfg, dt = self.cfg, compute_dtype(self.cfg)
         init = nn.initializers.normal(cfg.init_std)
         embed = self.param("embed", init, (cfg.vocab_size, cfg.d_model))  # (V, D)
-        x = jnp.take(embed, tokens, axis=0)  # (B, T, D); ids >= V are clamped: see check_tokens
-        if cfg.positions == "learned":
-            x = x + jnp.take(self.param("pos_embed", init, (cfg.context, cfg.d_model)), positions, axis=0)
+        x = embeddings
+        if x is None:
+            x = jnp.take(embed, tokens, axis=0)  # (B, T, D); ids >= V are clamped: see check_tokens
+            if cfg.positions == "learned":
+                x = x + jnp.take(self.param("pos_embed", init, (cfg.context, cfg.d_model)), positions, axis=0)
         cache_kv, start = (None, None) if cache is None else ((cache["k"], cache["v"]), cache["pos"])
         # Save only matmul outputs for the backward pass and recompute the elementwise rest
         # (softmax, GELU, norms): fewer (L, ...) activation buffers to fill and read back.

@@ -213,6 +213,7 @@ class Run:
         self.train_tokens, self.val_tokens, self.tokenizer, self.bound = load_tokens(args)
         self.cfg = cfg = model_config(args, self.tokenizer.vocab_size)
         for name, split in (("training", self.train_tokens), ("validation", self.val_tokens)):
+            llmfn.check_tokens(split, cfg)  # gathers clamp ids >= V silently: refuse them up front
             if len(split) < cfg.context + 1:
                 raise UserError(f"the {name} split has {len(split)} tokens, fewer than one window of --context "
                                 f"{cfg.context} + 1: use more text or a shorter --context")

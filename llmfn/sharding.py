@@ -143,9 +143,7 @@ def local_rows(batch: np.ndarray, mesh: Mesh | None) -> np.ndarray:
     """
     if mesh is None or jax.process_count() == 1:
         return batch
-    if batch.shape[0] % mesh.size:
-        raise ValueError(f"a batch of {batch.shape[0]} rows does not split over {mesh.size} devices: "
-                         "choose a batch size that is a multiple of the device count")
+    _check_splits(batch.shape[0], mesh)
     index = batch_sharding(mesh).addressable_devices_indices_map(batch.shape)
     starts = sorted({rows.start or 0 for rows, *_ in index.values()})
     per_device = batch.shape[0] // mesh.size
@@ -160,12 +158,14 @@ def make_global_batch(rows: np.ndarray, mesh: Mesh | None) -> jax.Array:
     """
     if mesh is None:
         return jnp.asarray(rows)
-    if (rows.shape[0] * jax.process_count()) % mesh.size:
-        raise ValueError(
-            f"a batch of {rows.shape[0] * jax.process_count()} rows does not split over "
-            f"{mesh.size} devices: choose a batch size that is a multiple of the device count"
-        )
+    _check_splits(rows.shape[0] * jax.process_count(), mesh)
     return jax.make_array_from_process_local_data(batch_sharding(mesh), rows)
+
+
+def _check_splits(n_rows: int, mesh: Mesh) -> None:
+    if n_rows % mesh.size:
+        raise ValueError(f"a batch of {n_rows} rows does not split over {mesh.size} devices: "
+                         "choose a batch size that is a multiple of the device count")
 
 
 def place_batch(batch: np.ndarray, mesh: Mesh | None) -> jax.Array:

@@ -103,7 +103,7 @@ def attend(q, k, v, mask, with_weights: bool):
     return out, weights if with_weights else None
 
 
-def _insert(cache: Float[Array, "B S G K"], new: Float[Array, "B T G K"], start: Int[Array, "B"]):
+def write_cache(cache: Float[Array, "B S G K"], new: Float[Array, "B T G K"], start: Int[Array, "B"]):
     """Writes `new` into each row of `cache` at that row's own start position."""
     put = lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
     return jax.vmap(put)(cache, new, start)
@@ -128,11 +128,18 @@ class Attention(nn.Module):
         new_kv = None
         if cache_kv is not None:
             cache_k, cache_v = cache_kv
-            k, v = _insert(cache_k, k, start), _insert(cache_v, v, start)  # (B, S, G, K)
+            k, v = write_cache(cache_k, k, start), write_cache(cache_v, v, start)  # (B, S, G, K)
             new_kv = (k, v)
         out, weights = attend(q, k, v, mask, self.with_weights)  # (B, T, H, K)
         o = Linear("BTHK,HKD->BTD", (H, K, D), (D,) if cfg.bias else None, out_std, dt, name="o")
         return o(out), new_kv, weights
+
+
+def mlp_activation(cfg: Config, up: Float[Array, "B T F"], gate: Float[Array, "B T F"] | None = None):
+    """The MLP's nonlinearity on its up projection: GELU (tanh) or ReLU, or SwiGLU's silu(gate) · up."""
+    if cfg.mlp == "swiglu":
+        return nn.silu(gate) * up
+    return nn.gelu(up, approximate=True) if cfg.mlp == "gelu" else nn.relu(up)
 
 
 class Mlp(nn.Module):
@@ -143,12 +150,7 @@ class Mlp(nn.Module):
         cfg, dt = self.cfg, compute_dtype(self.cfg)
         D, F = cfg.d_model, cfg.ff_dim
         up = lambda name: Linear("BTD,DF->BTF", (D, F), (F,) if cfg.bias else None, cfg.init_std, dt, name=name)  # noqa: E731
-        if cfg.mlp == "swiglu":
-            h = nn.silu(up("gate")(x)) * up("up")(x)  # (B, T, F)
-        elif cfg.mlp == "gelu":
-            h = nn.gelu(up("up")(x), approximate=True)
-        else:
-            h = nn.relu(up("up")(x))
+        h = mlp_activation(cfg, up("up")(x), up("gate")(x) if cfg.mlp == "swiglu" else None)  # (B, T, F)
         out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)
         return Linear("BTF,FD->BTD", (F, D), (D,) if cfg.bias else None, out_std, dt, name="down")(h)
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 import transformers
 
-from llmfn.generate import PAD, generate, generate_chunks, sample, sampling_probs
+from llmfn.config import Config
+from llmfn.generate import PAD, _forward, _layered, generate, generate_chunks, sample, sampling_probs
 from llmfn.hf import from_hf
-from llmfn.model import forward
+from llmfn.model import forward, init, init_cache
 
 V, P, N = 96, 6, 9
 LENGTHS = np.array([6, 2, 4])
@@ -83,6 +84,35 @@ def test_cached_decode_matches_full_recompute(setup):
             seq.append(int(np.argmax(logits)))
         np.testing.assert_array_equal(_new_tokens(tokens, b), seq[n:])
     assert min(margins) > 1e-4, "greedy choices too close to call: pick another seed"
+
+
+# Every architecture choice the decode layout (`_layered`: fused q/k/v, fused SwiGLU
+# gate/up, (out, in) matrices) has to get right, beside the two of the transformers tests.
+DECODE_CONFIGS = {
+    "gpt2": Config(vocab_size=V, context=16, n_layers=2, d_model=32, n_heads=4),
+    "llama-gqa": Config(vocab_size=V, context=16, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, norm="rmsnorm",
+                        mlp="swiglu", positions="rope", bias=False, tie_embeddings=False),
+    "swiglu-bias": Config(vocab_size=V, context=16, n_layers=2, d_model=32, n_heads=2, mlp="swiglu", d_ff=48),
+    "relu-mqa": Config(vocab_size=V, context=16, n_layers=3, d_model=24, n_heads=3, n_kv_heads=1, mlp="relu",
+                       tie_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("name", DECODE_CONFIGS)
+def test_decode_layout_logits_match_forward(name):
+    """Prefill of 5 tokens, then 3 one-token steps: each row's logits against a full forward."""
+    cfg = DECODE_CONFIGS[name].replace(init_std=0.3)  # large weights: differences are not hidden
+    params = init(cfg, jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, V)
+    want = np.asarray(forward(params, tokens, cfg))  # (2, 8, V)
+    layered = _layered(params, cfg)
+    empty = init_cache(cfg, 2, 8)
+    cache = {"k": tuple(empty["k"]), "v": tuple(empty["v"]), "pos": empty["pos"]}
+    logits, cache = _forward(layered, tokens[:, :5], cache, jnp.array([4, 2]), cfg)
+    np.testing.assert_allclose(logits, want[[0, 1], [4, 2]], rtol=1e-5, atol=1e-5)
+    for t in range(5, 8):
+        logits, cache = _forward(layered, tokens[:, t : t + 1], cache, jnp.zeros(2, jnp.int32), cfg)
+        np.testing.assert_allclose(logits, want[:, t], rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_matches_transformers(setup):

@@ -19,7 +19,7 @@ from jaxtyping import Array, Float, Int
 from .checkpoint import load
 from .config import Config
 from .model import (
-    Params, Transformer, _arange_positions, _check_call, check_params, forward, forward_with_intermediates,
+    Params, Transformer, _arange_positions, _check_call, check_params, forward, forward_with_intermediates, query_blocks,
 )
 from .train import loss_fn
 
@@ -152,13 +152,16 @@ def forward_flops(cfg: Config, length: int) -> dict[str, int]:
     """Matmul FLOPs of one forward pass over one sequence of `length` tokens.
 
     {"dense": projections, MLP and head, linear in length; "attention": scores and
-    weighted values, 4 T² D per layer (the full T×T square, as computed), quadratic}.
+    weighted values, 4 D per (query, key) pair computed, quadratic: the pairs are the
+    causal blocks of `model.query_blocks` (the full T×T square less the blocks above
+    the diagonal, which are skipped)}.
     """
     T, D, F, V, K = length, cfg.d_model, cfg.ff_dim, cfg.vocab_size, cfg.head_dim
     projections = D * K * (2 * cfg.n_heads + 2 * cfg.kv_heads)  # q, o, k, v
     mlp = D * F * (3 if cfg.mlp == "swiglu" else 2)
     dense = 2 * T * (cfg.n_layers * (projections + mlp) + D * V)
-    return {"dense": dense, "attention": cfg.n_layers * 4 * T * T * D}
+    pairs = sum((end - start) * end for start, end in query_blocks(T))
+    return {"dense": dense, "attention": cfg.n_layers * 4 * pairs * D}
 
 
 def time_forward(params: Params, cfg: Config, lengths, batch: int = 1, repeats: int = 3) -> np.ndarray:

@@ -78,13 +78,15 @@ def attend(q, k, v, mask, with_weights: bool):
 
     q (B, T, H, K), k and v (B, S, G, K), mask (B, 1, T, S) bool or None (causal, S = T).
     Returns (B, T, H, K) and, if with_weights, the attention weights (B, H, T, S).
-    float32 goes through `jax.nn.dot_product_attention`; bfloat16 causal attention on a GPU
-    asks for cuDNN's fused kernel; the rest takes the einsum path below, whose dtypes are
-    explicit (jax's own bf16 path promotes f32 with bf16 in its backward pass, which strict
-    dtype promotion refuses).
+    float32 goes through `jax.nn.dot_product_attention` (causal: `causal_by_query_blocks`);
+    bfloat16 causal attention on a GPU asks for cuDNN's fused kernel; the rest takes the
+    einsum path below, whose dtypes are explicit (jax's own bf16 path promotes f32 with
+    bf16 in its backward pass, which strict dtype promotion refuses).
     """
     if not with_weights and q.dtype == jnp.float32:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None), None
+        if mask is None:
+            return causal_by_query_blocks(q, k, v), None
+        return jax.nn.dot_product_attention(q, k, v, mask=mask), None
     if not with_weights and mask is None and jax.default_backend() == "gpu":
         try:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"), None
@@ -101,6 +103,26 @@ def attend(q, k, v, mask, with_weights: bool):
     wg = weights.reshape(B, G, H // G, T, S).astype(v.dtype)
     out = jnp.einsum("BGRTS,BSGK->BTGRK", wg, v).reshape(B, T, H, K)
     return out, weights if with_weights else None
+
+
+def query_blocks(T: int) -> list[tuple[int, int]]:
+    """The [start, end) row blocks of `causal_by_query_blocks`: max(64, ⌈T/8⌉) rows each."""
+    size = max(64, -(-T // 8))
+    return [(start, min(start + size, T)) for start in range(0, T, size)]
+
+
+def causal_by_query_blocks(q: Float[Array, "B T H K"], k: Float[Array, "B T G K"], v: Float[Array, "B T G K"]):
+    """Causal float32 attention, one block of query rows at a time: (B, T, H, K).
+
+    Block [s, e) attends to keys 0..e-1 only, so the score blocks wholly above the diagonal
+    are never computed: with n blocks, (n + 1) / 2n of the T x T scores. Exact: each row's
+    softmax still sees all of its keys at once. The blocks are `query_blocks(T)`.
+    """
+    out = []
+    for start, end in query_blocks(q.shape[1]):
+        mask = jnp.arange(end) <= jnp.arange(start, end)[:, None]  # (e - s, e)
+        out.append(jax.nn.dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask=mask[None, None]))
+    return jnp.concatenate(out, axis=1)
 
 
 def write_cache(cache: Float[Array, "B S G K"], new: Float[Array, "B T G K"], start: Int[Array, "B"]):

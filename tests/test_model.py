@@ -153,6 +153,29 @@ def test_causality(name):
         assert np.abs(after[:, t:] - before[:, t:]).min(axis=-1).max() > 0  # the change is seen from t on
 
 
+@pytest.mark.parametrize("T", [1, 65, 130, 256])
+def test_causal_attention_by_query_blocks_matches_float64_and_its_gradient_the_full_square(T):
+    """Several row blocks (T > 64), ragged last blocks, grouped heads: against the textbook
+    float64 masked softmax, and its gradient against autodiff of the full T x T computation."""
+    B, H, G, K = 2, 4, 2, 8
+    keys = jax.random.split(jax.random.key(T), 3)
+    q, k, v = (jax.random.normal(key, (B, T, n, K)) for key, n in zip(keys, (H, G, G)))
+    got = np.asarray(llmfn.model.causal_by_query_blocks(q, k, v))
+
+    q64, k64, v64 = (np.asarray(x, np.float64).repeat(H // n, axis=2) for x, n in ((q, H), (k, G), (v, G)))
+    scores = np.einsum("bthk,bshk->bhts", q64, k64) / np.sqrt(K)
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, np.einsum("bhts,bshk->bthk", weights, v64), atol=1e-5)
+
+    probe = jax.random.normal(jax.random.key(0), got.shape)
+    blocks = jax.grad(lambda *x: jnp.vdot(llmfn.model.causal_by_query_blocks(*x), probe), argnums=(0, 1, 2))(q, k, v)
+    full = jax.grad(lambda *x: jnp.vdot(jax.nn.dot_product_attention(*x, is_causal=True), probe), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(blocks, full):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_gradient_matches_central_finite_differences():
     cfg = LLAMA
     params, tokens = random_params(cfg), jnp.asarray(TOKENS, jnp.int32)

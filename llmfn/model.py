@@ -211,9 +211,10 @@ class Transformer(nn.Module):
             if cfg.positions == "learned":
                 x = x + jnp.take(self.param("pos_embed", init, (cfg.context, cfg.d_model)), positions, axis=0)
         cache_kv, start = (None, None) if cache is None else ((cache["k"], cache["v"]), cache["pos"])
-        # Save only matmul outputs for the backward pass and recompute the elementwise rest
-        # (softmax, GELU, norms): fewer (L, ...) activation buffers to fill and read back.
-        block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
+        # Save only the projections' outputs for the backward pass and recompute the rest:
+        # norms, GELU, and attention (its B x H x T x S scores are the largest activations
+        # and the cheapest to recompute): fewer (L, ...) buffers to fill and read back.
+        block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         layers = nn.scan(
             block,
             variable_axes={"params": 0},

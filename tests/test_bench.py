@@ -11,7 +11,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench import common, compile_time, gpu, train_speed  # noqa: E402
+from bench import common, compile_time, decode_ceiling, generate, gpu, train_speed  # noqa: E402
 
 RATIO = r"ratio .*: \d+\.\d\d"
 
@@ -41,6 +41,21 @@ def test_gpu_script_runs_tiny_on_cpu(capsys):
     assert any("decode steps/s of the weight-read bound" in line for line in lines), lines
 
 
+def test_generate_prints_a_row_per_setting(capsys):
+    generate.main(generate.Args(models=("small",), new_tokens=3, repeats=1))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("small ")]
+    assert len(rows) == 3, rows  # batch 1 greedy, batch 16 greedy, batch 1 top-p
+    assert all(re.search(r"\d+\.\d\dx \|", row) for row in rows), rows  # the speed-up
+    assert re.search(r"\d+%$", rows[0]) and rows[1].endswith("-"), rows  # % of bound at batch 1 only
+
+
+def test_decode_ceiling_prints_its_ratios(capsys):
+    decode_ceiling.main(decode_ceiling.Args(steps=2, repeats=1, layers=2, width=32, vocab=64))
+    lines = ratio_lines(capsys.readouterr().out)
+    for wanted in ("(in, out)", "(out, in)", "head alone"):
+        assert any(line.startswith(wanted) and "of copy bandwidth" in line for line in lines), (wanted, lines)
+
+
 @pytest.mark.parametrize(
     "main, args",
     [
@@ -49,6 +64,7 @@ def test_gpu_script_runs_tiny_on_cpu(capsys):
         (compile_time.main, compile_time.Args(model="gpt5")),
         (compile_time.main, compile_time.Args(model="tiny", seq=33)),
         (gpu.main, gpu.Args(batch=0)),
+        (decode_ceiling.main, decode_ceiling.Args(width=0)),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, main, args):

@@ -190,7 +190,8 @@ def _layered(params: Params, cfg: Config) -> Params:
     SwiGLU's gate and up into "up" (2F, D); "o" (D, H·K), "down" (D, F). At batch 1 a
     decode step is one matrix-vector product per matrix, and on a CPU XLA streams the
     (out, in) layout faster than the stored (in, out) one, and fewer, larger products
-    cost less than many small ones. The norms and biases are kept as they are.
+    cost less than many small ones. Biases are fused as their matrices are; the norms,
+    embeddings and head are kept as they are.
     """
     def layer(p):
         attn, mlp = p["attn"], p["mlp"]

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench import common, compile_time, decode_ceiling, generate, gpu, train_speed  # noqa: E402
+from bench import common, compile_time, decode_ceiling, generate, gpu, train_ablations, train_speed  # noqa: E402
 
 RATIO = r"ratio .*: \d+\.\d\d"
 
@@ -25,6 +25,13 @@ def test_train_speed_prints_its_ratios(capsys):
     lines = ratio_lines(capsys.readouterr().out)
     for wanted in ("llmfn/torch tokens/s", "llmfn MFU", "scan/unrolled", "llmfn fwd+bwd/fwd", "torch fwd+bwd/fwd"):
         assert any(wanted in line for line in lines), (wanted, lines)
+
+
+def test_train_ablations_prints_a_ratio_per_variant(capsys):
+    train_ablations.main(train_ablations.Args(sizes=("tiny",), batch=2, repeats=1))
+    lines = ratio_lines(capsys.readouterr().out)
+    for variant in ("full-square", "remat-dots", "no-remat"):
+        assert any(f"speed-up over {variant}" in line for line in lines), (variant, lines)
 
 
 def test_compile_time_prints_its_ratios(capsys):
@@ -65,6 +72,7 @@ def test_decode_ceiling_prints_its_ratios(capsys):
         (compile_time.main, compile_time.Args(model="tiny", seq=33)),
         (gpu.main, gpu.Args(batch=0)),
         (decode_ceiling.main, decode_ceiling.Args(width=0)),
+        (train_ablations.main, train_ablations.Args(sizes=("huge",))),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, main, args):

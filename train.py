@@ -39,6 +39,7 @@ from tqdm import tqdm
 import llmfn
 from llmfn import checkpoint, corpus, data, metrics, samples, sharding
 from llmfn import train as fit
+from llmfn.files import atomic_write
 from llmfn.tokenizer import load_tokenizer, make_tokenizer
 
 Preset = Literal[tuple(llmfn.presets)]
@@ -141,7 +142,8 @@ def prepare_run_dir(args: Args, cfg: llmfn.Config, tokenizer) -> None:
     if jax.process_index() == 0:
         checkpoint.save_config(run_dir, cfg)
         tokenizer.save(run_dir)
-        saved_path.write_text(json.dumps(want, indent=2) + "\n")
+        with atomic_write(saved_path) as f:
+            f.write(json.dumps(want, indent=2) + "\n")
 
 
 def load_tokens(args: Args):

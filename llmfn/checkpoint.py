@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from .config import Config
+from .files import atomic_write
 from .model import Params, param_shapes
 from .tokenizer import load_tokenizer
 
@@ -26,7 +27,8 @@ CONFIG_FILE = "config.json"
 def save_config(run_dir, cfg: Config) -> None:
     """Writes `cfg` to run_dir/config.json."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    with atomic_write(Path(run_dir) / CONFIG_FILE) as f:
+        f.write(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 
 def read_config(run_dir) -> Config:

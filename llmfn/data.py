@@ -18,12 +18,12 @@ stands for a fixed number of UTF-8 bytes (`Tokenizer.byte_lengths`).
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write
 from .tokenizer import Tokenizer
 
 
@@ -102,15 +102,8 @@ def tokenize_cached(text_or_path, tokenizer: Tokenizer, cache_dir) -> np.ndarray
     if not path.is_file():
         ids = tokenizer.encode(text)
         dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.name}.", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, ids.astype(dtype))
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_write(path, binary=True) as f:
+            np.save(f, ids.astype(dtype))
     return np.load(path, mmap_mode="r")
 
 

@@ -17,15 +17,15 @@ nats per token become bits per byte. A tokenizer is saved as one plain JSON file
 import functools
 import itertools
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .files import atomic_write
 
 FILENAME = "tokenizer.json"
 
@@ -95,12 +95,8 @@ class Tokenizer:
 
     def save(self, directory) -> None:
         """Write `<directory>/tokenizer.json` (plain JSON) atomically, creating the directory."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{FILENAME}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_write(Path(directory) / FILENAME) as f:
             f.write(self.to_json())
-        os.replace(tmp, directory / FILENAME)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"

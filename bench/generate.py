@@ -14,7 +14,8 @@ the fixed cost of a call (rearranging θ into the decode layout, then the prefil
 decode step. The bandwidth bound: a decode step at batch 1 reads every parameter once, so
 it cannot take less than (parameter bytes) / (copy bandwidth); the copy bandwidth is
 measured in this run (bytes read + written by a large array update). % of bound compares
-llmfn's decode step with that time.
+llmfn's decode step with that time. With --prepared, llmfn is given `decode_params(θ)`,
+rearranged once before timing, as a caller generating many times would.
 """
 
 import dataclasses
@@ -33,7 +34,7 @@ import tyro
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench.common import copy_bytes_per_s, cores, interleaved  # noqa: E402
 from llmfn.config import presets  # noqa: E402
-from llmfn.generate import generate, generate_chunks  # noqa: E402
+from llmfn.generate import decode_params, generate, generate_chunks  # noqa: E402
 from llmfn.hf import from_hf  # noqa: E402
 
 
@@ -44,6 +45,7 @@ class Args:
     prompt_len: int = 16  # P
     new_tokens: int = 64  # N
     repeats: int = 3
+    prepared: bool = False  # pass llmfn.decode_params(θ) (rearranged once) instead of θ
 
 
 def hf_model(preset: str):
@@ -67,6 +69,7 @@ def measure(hf, cfg, params, batch: int, sampled: bool, args: Args) -> dict:
     key = jax.random.key(0)
     settings = SAMPLED if sampled else dict(temperature=0.0)
     N = args.new_tokens
+    params = decode_params(params, cfg) if args.prepared else params
 
     def ours():
         generate(params, prompts, key, cfg, N, **settings)[0].block_until_ready()
@@ -109,7 +112,8 @@ def main(args: Args) -> None:
     transformers.logging.set_verbosity_error()  # its padding advice does not apply: no prompt is padded
     bandwidth = copy_bytes_per_s()
     print(f"{cores()} cores | jax {jax.__version__} ({jax.default_backend()}) | torch {torch.__version__} "
-          f"| copy bandwidth {bandwidth / 1e9:.1f} GB/s | P={args.prompt_len} N={args.new_tokens}")
+          f"| copy bandwidth {bandwidth / 1e9:.1f} GB/s | P={args.prompt_len} N={args.new_tokens}"
+          f"{' | llmfn given decode_params(θ)' if args.prepared else ''}")
     print("model  batch mode   | llmfn tok/s ms/token compile s | fixed ms ms/step | transformers tok/s ms/token threads "
           "| speed-up | % of bound")
     for preset in args.models:

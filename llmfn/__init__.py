@@ -8,7 +8,7 @@ out: `from_hf`, `to_hf`, `load`. Submodules for the rest: `llmfn.train`, `llmfn.
 
 from .checkpoint import load
 from .config import Config, presets
-from .generate import generate, generate_chunks
+from .generate import decode_params, generate, generate_chunks
 from .hf import from_hf, to_hf
 from .model import (
     check_params,
@@ -34,6 +34,7 @@ __all__ = [
     "check_params",
     "param_count",
     "param_shapes",
+    "decode_params",
     "generate",
     "generate_chunks",
     "from_hf",

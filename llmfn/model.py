@@ -342,10 +342,13 @@ def _check_call(params: Params, tokens, cfg: Config, max_len: int | None = None)
     check_params(params, cfg)
 
 
-def check_params(params: Params, cfg: Config) -> None:
-    """Raises ValueError naming the first leaf of `params` whose shape does not match `cfg`."""
+def check_params(params: Params, cfg: Config, shapes: Params | None = None) -> None:
+    """Raises ValueError naming the first leaf of `params` whose shape does not match `cfg`.
+
+    `shapes`: the structure to check against (default `param_shapes(cfg)`).
+    """
     got = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    for path, want in jax.tree_util.tree_leaves_with_path(param_shapes(cfg)):
+    for path, want in jax.tree_util.tree_leaves_with_path(param_shapes(cfg) if shapes is None else shapes):
         name = jax.tree_util.keystr(path)
         if name not in got:
             raise ValueError(f"params lack params{name} of shape {want.shape}, which the config needs")

@@ -48,8 +48,9 @@ def test_gpu_script_runs_tiny_on_cpu(capsys):
     assert any("decode steps/s of the weight-read bound" in line for line in lines), lines
 
 
-def test_generate_prints_a_row_per_setting(capsys):
-    generate.main(generate.Args(models=("small",), new_tokens=3, repeats=1))
+@pytest.mark.parametrize("prepared", [False, True])
+def test_generate_prints_a_row_per_setting(capsys, prepared):
+    generate.main(generate.Args(models=("small",), new_tokens=3, repeats=1, prepared=prepared))
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("small ")]
     assert len(rows) == 3, rows  # batch 1 greedy, batch 16 greedy, batch 1 top-p
     assert all(re.search(r"\d+\.\d\dx \|", row) for row in rows), rows  # the speed-up

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from llmfn.config import Config
-from llmfn.generate import PAD, _forward, _layered, generate, generate_chunks, sample, sampling_probs
+from llmfn.generate import PAD, _forward, _layered, decode_params, generate, generate_chunks, sample, sampling_probs
 from llmfn.hf import from_hf
 from llmfn.model import forward, init, init_cache
 
@@ -157,6 +157,22 @@ def test_per_row_settings_vmap_and_chunks(gpt2):
     for k, row in zip(keys, np.asarray(batched)):
         np.testing.assert_array_equal(row, np.asarray(generate(params, PROMPTS, k, cfg, N, **settings)[0]))
     assert len({tuple(r[1]) for r in np.asarray(batched)}) > 1, "different keys should sample differently"
+
+
+def test_decode_params_give_the_same_tokens_and_are_checked(gpt2):
+    _, cfg, params, greedy, _ = gpt2
+    prepared = decode_params(params, cfg)
+    tokens, _ = generate(prepared, PROMPTS, jax.random.key(0), cfg, N, temperature=0.0, prompt_lengths=LENGTHS)
+    np.testing.assert_array_equal(np.asarray(tokens), greedy)
+    chunks = generate_chunks(prepared, PROMPTS, jax.random.key(0), cfg, N, chunk=4, temperature=0.0, prompt_lengths=LENGTHS)
+    new = np.concatenate([np.asarray(c[0]) for c in chunks], 1)
+    for b in range(3):
+        np.testing.assert_array_equal(new[b], _new_tokens(greedy, b))
+    bad = {**prepared, "layers": (prepared["layers"][0], {**prepared["layers"][1], "qkv": prepared["layers"][1]["qkv"][:-1]})}
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[1\]\['qkv'\] has shape"):
+        generate(bad, PROMPTS, jax.random.key(0), cfg, N)
+    with pytest.raises(ValueError, match="has shape"):
+        generate(prepared, PROMPTS, jax.random.key(0), cfg.replace(d_model=64), N)
 
 
 def test_bad_input_is_refused(gpt2):

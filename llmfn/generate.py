@@ -4,7 +4,8 @@ prefill  one forward over the prompts writes their keys and values into an expli
          cache and gives the logits of each row's first new token;
 decode   `lax.scan` over the remaining new positions, each step one forward of one token
          per row against that cache. Both run the layers over per-layer weight and
-         cache buffers (`_forward` says why).
+         cache buffers in a decode layout (`_layered` and `_forward` say why), made
+         per call from θ, or once by `decode_params` for many calls.
 
 The sampling settings are per-row arrays (B,), traced, so one compiled program serves
 every temperature, top-k, top-p and min-p, and `jax.vmap` over keys or settings works.
@@ -224,7 +225,7 @@ def decode_params(params: Params, cfg: Config) -> Params:
 
 
 def _is_decode_layout(params: Params) -> bool:
-    return isinstance(params.get("layers"), tuple)
+    return isinstance(params, dict) and isinstance(params.get("layers"), tuple)
 
 
 @functools.lru_cache(maxsize=16)

@@ -23,7 +23,7 @@ import tyro
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench.common import interleaved  # noqa: E402
-from bench.train_speed import SIZES  # noqa: E402
+from bench.train_speed import SIZES, check_args  # noqa: E402
 from llmfn import init, model  # noqa: E402
 from llmfn.train import init_state, make_optimizer, make_train_step  # noqa: E402
 
@@ -89,11 +89,7 @@ def bench(name: str, args: Args) -> None:
 
 
 def main(args: Args) -> None:
-    unknown = [s for s in args.sizes if s not in SIZES]
-    if unknown or args.batch <= 0 or args.repeats <= 0:
-        problem = f"unknown size {unknown[0]!r} (choose from {', '.join(SIZES)})" if unknown else "batch and repeats must be positive"
-        print(f"train_ablations: {problem}", file=sys.stderr)
-        raise SystemExit(2)
+    check_args("train_ablations", args.sizes, args.batch, args.repeats)
     for name in args.sizes:
         bench(name, args)
 

@@ -132,12 +132,17 @@ def bench(name: str, cfg: Config, args: Args) -> None:
             print(f"{name} ratio {side} fwd+bwd/fwd time: {seconds[side + ' fwd+bwd'] / seconds[side + ' fwd']:.2f}x")
 
 
-def main(args: Args) -> None:
-    unknown = [s for s in args.sizes if s not in SIZES]
-    if unknown or args.batch <= 0 or args.repeats <= 0:
+def check_args(program: str, sizes, batch: int, repeats: int) -> None:
+    """One line on stderr and exit code 2 for an unknown size or a non-positive batch or repeat count."""
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown or batch <= 0 or repeats <= 0:
         problem = f"unknown size {unknown[0]!r} (choose from {', '.join(SIZES)})" if unknown else "batch and repeats must be positive"
-        print(f"train_speed: {problem}", file=sys.stderr)
+        print(f"{program}: {problem}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def main(args: Args) -> None:
+    check_args("train_speed", args.sizes, args.batch, args.repeats)
     torch.set_num_threads(cores())
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, transformers {transformers.__version__}")
     for name in args.sizes:

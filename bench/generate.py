@@ -109,6 +109,12 @@ def measure(hf, cfg, params, batch: int, sampled: bool, args: Args) -> dict:
 def main(args: Args) -> None:
     if args.quick:
         args = dataclasses.replace(args, new_tokens=16, repeats=2)
+    unknown = [m for m in args.models if m not in presets]
+    if unknown or args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1:
+        problem = (f"unknown model {unknown[0]!r} (choose from {', '.join(presets)})" if unknown
+                   else "need prompt-len >= 1, new-tokens >= 2 (one prefill token, then decode steps) and repeats >= 1")
+        print(f"bench/generate.py: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     transformers.logging.set_verbosity_error()  # its padding advice does not apply: no prompt is padded
     bandwidth = copy_bytes_per_s()
     print(f"{cores()} cores | jax {jax.__version__} ({jax.default_backend()}) | torch {torch.__version__} "

@@ -74,6 +74,8 @@ def test_decode_ceiling_prints_its_ratios(capsys):
         (gpu.main, gpu.Args(batch=0)),
         (decode_ceiling.main, decode_ceiling.Args(width=0)),
         (train_ablations.main, train_ablations.Args(sizes=("huge",))),
+        (generate.main, generate.Args(models=("gpt5",))),
+        (generate.main, generate.Args(new_tokens=1)),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, main, args):

@@ -25,8 +25,7 @@ CONFIG_FILE = "config.json"
 
 
 def save_config(run_dir, cfg: Config) -> None:
-    """Writes `cfg` to run_dir/config.json."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    """Writes `cfg` to run_dir/config.json (creating run_dir)."""
     with atomic_write(Path(run_dir) / CONFIG_FILE) as f:
         f.write(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 

@@ -3,9 +3,9 @@
 prefill  one forward over the prompts writes their keys and values into an explicit KV
          cache and gives the logits of each row's first new token;
 decode   `lax.scan` over the remaining new positions, each step one forward of one token
-         per row against that cache. Both run the layers over per-layer weight and
-         cache buffers in a decode layout (`_layered` and `_forward` say why), made
-         per call from θ, or once by `decode_params` for many calls.
+         per row against that cache. Both run f_θ in its decode layout
+         (`llmfn.decode`: per-layer buffers, fused matrices), made per call from θ,
+         or once by `decode_params` for many calls.
 
 The sampling settings are per-row arrays (B,), traced, so one compiled program serves
 every temperature, top-k, top-p and min-p, and `jax.vmap` over keys or settings works.
@@ -35,9 +35,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .config import Config
-from .model import (
-    Norm, Params, attend, check_params, check_tokens, compute_dtype, mlp_activation, param_shapes, rope, write_cache,
-)
+from .decode import check_decode_params, decode_layout, decode_params, empty_cache, forward_layered, is_decode_layout
+from .model import Params, check_tokens
 
 PAD = 0  # the token id written where a row has nothing (see `valid`)
 _BISECTION_STEPS = 30  # float32 bit patterns of probabilities in [0, 1] span < 2**30 values
@@ -163,9 +162,7 @@ def _pick(key, step, logits, settings, stops, done):
 def _prefill(layered, prompts, lengths, key, settings, stops, cfg: Config, cache_len: int):
     """Prompts (B, P) → (decode state, first new token (B,)), cache of `cache_len` positions."""
     B = prompts.shape[0]
-    empty = jnp.zeros((B, cache_len, cfg.kv_heads, cfg.head_dim), compute_dtype(cfg))  # (B, S, G, K)
-    cache = {"k": (empty,) * cfg.n_layers, "v": (empty,) * cfg.n_layers, "pos": jnp.zeros((B,), jnp.int32)}
-    logits, cache = _forward(layered, prompts, cache, lengths - 1, cfg)  # (B, V) at each row's last
+    logits, cache = forward_layered(layered, prompts, empty_cache(cfg, B, cache_len), lengths - 1, cfg)  # (B, V) at each row's last
     cache = {**cache, "pos": lengths}  # padding keys past n_b are masked, then overwritten
     token, _, done = _pick(key, 0, logits, settings, stops, jnp.zeros((B,), bool))
     return {"cache": cache, "last": token, "done": done, "step": jnp.ones((), jnp.int32)}, token
@@ -175,121 +172,12 @@ def _decode(layered, state, key, settings, stops, cfg: Config, steps: int):
     """`steps` decode steps: → (state, tokens (B, steps), valid (B, steps))."""
     def step(state, _):
         last = jnp.zeros_like(state["last"])
-        logits, cache = _forward(layered, state["last"][:, None], state["cache"], last, cfg)  # (B, V)
+        logits, cache = forward_layered(layered, state["last"][:, None], state["cache"], last, cfg)  # (B, V)
         token, valid, done = _pick(key, state["step"], logits, settings, stops, state["done"])
         return {"cache": cache, "last": token, "done": done, "step": state["step"] + 1}, (token, valid)
 
     state, (tokens, valid) = jax.lax.scan(step, state, length=steps)  # (steps, B)
     return state, tokens.T, valid.T
-
-
-def _layered(params: Params, cfg: Config) -> Params:
-    """θ rearranged for decoding: params["layers"] becomes a tuple of L per-layer dicts.
-
-    Each layer is its own buffer, and each of its matmuls one (out, in) matrix whose rows
-    are contracted against the activation: q, k and v fused into "qkv" ((H + 2G)·K, D),
-    SwiGLU's gate and up into "up" (2F, D); "o" (D, H·K), "down" (D, F). At batch 1 a
-    decode step is one matrix-vector product per matrix, and on a CPU XLA streams the
-    (out, in) layout faster than the stored (in, out) one, and fewer, larger products
-    cost less than many small ones. Biases are fused as their matrices are; the norms,
-    embeddings and head are kept as they are.
-    """
-    def layer(p):
-        attn, mlp = p["attn"], p["mlp"]
-        D = cfg.d_model
-        out = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"]}
-        qkv = [attn[n]["kernel"].reshape(D, -1) for n in ("q", "k", "v")]  # (D, N K) each
-        out["qkv"] = jnp.concatenate(qkv, 1).T  # ((H + 2G) K, D)
-        out["o"] = attn["o"]["kernel"].reshape(-1, D).T  # (D, H K)
-        ups = ("gate", "up") if cfg.mlp == "swiglu" else ("up",)
-        out["up"] = jnp.concatenate([mlp[n]["kernel"] for n in ups], 1).T  # ((1|2) F, D)
-        out["down"] = mlp["down"]["kernel"].T  # (D, F)
-        if cfg.bias:
-            out["qkv_bias"] = jnp.concatenate([attn[n]["bias"].reshape(-1) for n in ("q", "k", "v")])
-            out["up_bias"] = jnp.concatenate([mlp[n]["bias"] for n in ups])
-            out["o_bias"], out["down_bias"] = attn["o"]["bias"], mlp["down"]["bias"]
-        return out
-
-    return {**params, "layers": tuple(layer(jax.tree.map(lambda x: x[l], params["layers"])) for l in range(cfg.n_layers))}
-
-
-def decode_params(params: Params, cfg: Config) -> Params:
-    """θ rearranged once into the decode layout (`_layered`), still a plain nested dict.
-
-    `generate` and `generate_chunks` accept the result in place of θ and then skip the
-    rearrangement, a copy of every layer weight that each call otherwise makes (for a
-    GPT-2-124M about 340 MB, most of a call's fixed cost on a CPU). Same tokens either way.
-    """
-    check_params(params, cfg)
-    return _layered_jit(params, cfg)
-
-
-def _is_decode_layout(params: Params) -> bool:
-    return isinstance(params, dict) and isinstance(params.get("layers"), tuple)
-
-
-@functools.lru_cache(maxsize=16)
-def _decode_shapes(cfg: Config) -> Params:
-    return jax.eval_shape(functools.partial(_layered, cfg=cfg), param_shapes(cfg))
-
-
-def _check_decode_params(params: Params, cfg: Config) -> None:
-    """check_params for θ in either layout (the decode one as `decode_params` makes it)."""
-    check_params(params, cfg, _decode_shapes(cfg) if _is_decode_layout(params) else None)
-
-
-def _linear(x, layer, name, cfg: Config):
-    """x (B, T, in) against layer[name] (out, in) (+ its bias): (B, T, out) in the compute dtype."""
-    dt = compute_dtype(cfg)
-    y = jnp.einsum("BTI,OI->BTO", x.astype(dt), layer[name].astype(dt))
-    return y + layer[name + "_bias"].astype(dt) if cfg.bias else y
-
-
-def _block(layer, x, positions, mask, start, cache_kv, cfg: Config):
-    """model.Block's arithmetic on one `_layered` layer: → (x (B, T, D), (k, v) cache)."""
-    B, T, _ = x.shape
-    H, G, K = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    h = Norm(cfg).apply({"params": layer["attn_norm"]}, x)
-    qkv = _linear(h, layer, "qkv", cfg)  # (B, T, (H + 2G) K)
-    q, k, v = jnp.split(qkv.reshape(B, T, H + 2 * G, K), [H, H + G], axis=2)  # (B, T, H|G|G, K)
-    if cfg.positions == "rope":
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    k, v = write_cache(cache_kv[0], k, start), write_cache(cache_kv[1], v, start)  # (B, S, G, K)
-    out, _ = attend(q, k, v, mask, with_weights=False)  # (B, T, H, K)
-    x = x + _linear(out.reshape(B, T, H * K), layer, "o", cfg).astype(x.dtype)
-    h = _linear(Norm(cfg).apply({"params": layer["mlp_norm"]}, x), layer, "up", cfg)  # (B, T, (1|2) F)
-    gate, up = jnp.split(h, 2, axis=-1) if cfg.mlp == "swiglu" else (None, h)  # the gate's rows come first
-    h = mlp_activation(cfg, up, gate)  # (B, T, F)
-    return x + _linear(h, layer, "down", cfg).astype(x.dtype), (k, v)
-
-
-def _forward(layered, tokens, cache, last, cfg: Config):
-    """forward_cached over `_layered` weights, logits only where asked: → (logits (B, V), cache).
-
-    tokens (B, T) at positions cache["pos"] + 0..T-1; `last` (B,) picks the position
-    (0..T-1) of each row whose logits are returned. The layers run as a Python loop over
-    separate weight and cache buffers: XLA on CPU copies a slice of a stacked (L, ...)
-    weight before each matmul (three memory passes per weight per token instead of one),
-    and a scanned cache would be rewritten whole at every step.
-    """
-    T, S = tokens.shape[1], cache["k"][0].shape[1]
-    positions = cache["pos"][:, None] + jnp.arange(T, dtype=jnp.int32)  # (B, T)
-    mask = (jnp.arange(S) <= positions[..., None])[:, None]  # (B, 1, T, S)
-    x = jnp.take(layered["embed"], tokens, axis=0)  # (B, T, D)
-    if cfg.positions == "learned":
-        x = x + jnp.take(layered["pos_embed"], positions, axis=0)
-    ks, vs = [], []
-    for layer, k, v in zip(layered["layers"], cache["k"], cache["v"]):
-        x, (k, v) = _block(layer, x, positions, mask, cache["pos"], (k, v), cfg)
-        ks, vs = ks + [k], vs + [v]  # (B, S, G, K) each
-    x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # (B, 1, D)
-    h = Norm(cfg).apply({"params": layered["final_norm"]}, x)
-    dt = compute_dtype(cfg)
-    # The tied head is contracted as stored, (V, D): a transposed view would be copied whole
-    # (V x D floats) at every decode step.
-    head, spec = (layered["embed"], "BTD,VD->BTV") if cfg.tie_embeddings else (layered["head"], "BTD,DV->BTV")
-    logits = jnp.einsum(spec, h.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
-    return logits[:, 0], {"k": tuple(ks), "v": tuple(vs), "pos": cache["pos"] + T}
 
 
 def _place(prompts, lengths, new, new_valid):
@@ -307,7 +195,7 @@ def _place(prompts, lengths, new, new_valid):
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def _generate(params, prompts, lengths, key, settings, stops, cfg: Config, max_new_tokens: int):
     P = prompts.shape[1]
-    layered = params if _is_decode_layout(params) else _layered(params, cfg)
+    layered = params if is_decode_layout(params) else decode_layout(params, cfg)
     state, first = _prefill(layered, prompts, lengths, key, settings, stops, cfg, P + max_new_tokens)
     _, rest, rest_valid = _decode(layered, state, key, settings, stops, cfg, max_new_tokens - 1)
     new = jnp.concatenate([first[:, None], rest], 1)  # (B, N)
@@ -317,7 +205,6 @@ def _generate(params, prompts, lengths, key, settings, stops, cfg: Config, max_n
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "cache_len"))
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "steps"))
-_layered_jit = jax.jit(_layered, static_argnames="cfg")
 
 
 # ---------------------------------------------------------------- the public API
@@ -377,7 +264,7 @@ def generate_chunks(
         params, prompts, cfg, max_new_tokens, prompt_lengths, stop_tokens, (temperature, top_k, top_p, min_p)
     )
     cache_len = prompts.shape[1] + max_new_tokens
-    layered = params if _is_decode_layout(params) else _layered_jit(params, cfg)
+    layered = params if is_decode_layout(params) else decode_params(params, cfg)
     state, first = _prefill_jit(layered, prompts, lengths, key, settings, stops, cfg, cache_len)
     yield first[:, None], jnp.ones((prompts.shape[0], 1), bool)
     left = max_new_tokens - 1
@@ -391,7 +278,7 @@ def generate_chunks(
 def _check_inputs(params, prompts, cfg, max_new_tokens, prompt_lengths, stop_tokens, sampling):
     if not isinstance(cfg, Config):
         raise TypeError(f"cfg must be an llmfn.Config, got {type(cfg).__name__}")
-    _check_decode_params(params, cfg)
+    check_decode_params(params, cfg)
     prompts = jnp.asarray(prompts)
     if prompts.ndim != 2 or 0 in prompts.shape:
         raise ValueError(f"prompts must have shape (B, P) with B, P >= 1, got shape {prompts.shape}: add a batch axis with prompts[None]")

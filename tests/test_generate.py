@@ -15,7 +15,8 @@ import torch
 import transformers
 
 from llmfn.config import Config
-from llmfn.generate import PAD, _forward, _layered, decode_params, generate, generate_chunks, sample, sampling_probs
+from llmfn.decode import decode_layout, forward_layered
+from llmfn.generate import PAD, decode_params, generate, generate_chunks, sample, sampling_probs
 from llmfn.hf import from_hf
 from llmfn.model import forward, init, init_cache
 
@@ -86,7 +87,7 @@ def test_cached_decode_matches_full_recompute(setup):
     assert min(margins) > 1e-4, "greedy choices too close to call: pick another seed"
 
 
-# Every architecture choice the decode layout (`_layered`: fused q/k/v, fused SwiGLU
+# Every architecture choice the decode layout (`decode_layout`: fused q/k/v, fused SwiGLU
 # gate/up, (out, in) matrices) has to get right, beside the two of the transformers tests.
 DECODE_CONFIGS = {
     "gpt2": Config(vocab_size=V, context=16, n_layers=2, d_model=32, n_heads=4),
@@ -105,13 +106,13 @@ def test_decode_layout_logits_match_forward(name):
     params = init(cfg, jax.random.key(1))
     tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, V)
     want = np.asarray(forward(params, tokens, cfg))  # (2, 8, V)
-    layered = _layered(params, cfg)
+    layered = decode_layout(params, cfg)
     empty = init_cache(cfg, 2, 8)
     cache = {"k": tuple(empty["k"]), "v": tuple(empty["v"]), "pos": empty["pos"]}
-    logits, cache = _forward(layered, tokens[:, :5], cache, jnp.array([4, 2]), cfg)
+    logits, cache = forward_layered(layered, tokens[:, :5], cache, jnp.array([4, 2]), cfg)
     np.testing.assert_allclose(logits, want[[0, 1], [4, 2]], rtol=1e-5, atol=1e-5)
     for t in range(5, 8):
-        logits, cache = _forward(layered, tokens[:, t : t + 1], cache, jnp.zeros(2, jnp.int32), cfg)
+        logits, cache = forward_layered(layered, tokens[:, t : t + 1], cache, jnp.zeros(2, jnp.int32), cfg)
         np.testing.assert_allclose(logits, want[:, t], rtol=1e-5, atol=1e-5)
 
 
